@@ -1,0 +1,366 @@
+"""The ESMM network and the paper's baselines, built from the field list in ``conf/``.
+
+Small modules, composed per variant by :func:`build_model`:
+
+- :class:`FieldEmbedding`: one table for one field (``nn.Embedding`` for a single id,
+  ``nn.EmbeddingBag(mode="sum", padding_idx=0)`` for a bag of ids);
+- :class:`EmbeddingCollection`: one :class:`FieldEmbedding` per field, concatenated;
+- :class:`MLP`: a stack of Linear+ReLU layers;
+- :class:`Tower`: an :class:`MLP` and a 1-logit output layer (the paper's 360×200×80×2 with
+  the 2-way softmax written as one logit);
+- :class:`ESMMModel`: a CTR tower and a second tower (CVR, or CTCVR for ``division``) over one
+  shared or two separate embedding collections.
+
+Ma et al., "Entire Space Multi-Task Model", SIGIR 2018 (arXiv 1804.07931), Section 2.3:
+pCTCVR = pCTR × pCVR, the two towers share the embedding layer. The network knows nothing of
+readers or files: it takes a batch ``dict[str, Tensor]`` keyed by field name.
+
+The losses of each variant live in :mod:`esmm.losses`, the metrics in :mod:`esmm.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+from torch import Tensor, nn
+
+from esmm.config import FieldsConfig, FieldSpec, StrictModel
+from esmm.schema import PADDING_ID
+
+__all__ = [
+    "ESMM_VARIANTS",
+    "MLP",
+    "SEPARATE_CVR_VARIANTS",
+    "ESMMModel",
+    "EmbeddingCollection",
+    "FieldEmbedding",
+    "ModelConfig",
+    "Tower",
+    "Variant",
+    "build_model",
+    "division_pcvr",
+]
+
+Variant = Literal["esmm", "esmm_ns", "base", "aman", "oversampling", "unbias", "division"]
+
+# Variants whose CVR tower is fitted through the CTCVR product over all impressions.
+ESMM_VARIANTS: frozenset[str] = frozenset({"esmm", "esmm_ns"})
+# Variants with an independent CTR model and a CVR model fitted on (re-weighted) clicks.
+SEPARATE_CVR_VARIANTS: frozenset[str] = frozenset({"base", "aman", "oversampling", "unbias"})
+
+# Small initial embeddings keep every id's first prediction near the towers' bias, so rare
+# ids (seen a handful of times) do not keep large random vectors that the towers must undo.
+EMBEDDING_INIT_STD = 0.01
+
+
+class ModelConfig(StrictModel):
+    """The ``model:`` section of the training config. Defaults are the paper's settings.
+
+    Attributes:
+        variant: which model of the paper's comparison to build (see :func:`build_model`).
+        embedding_dim: size of every field's embedding (paper: 18).
+        hidden_dims: the towers' hidden layer sizes (paper: 200, 80).
+        sparse_embeddings: embedding tables produce sparse gradients, so a 10M-row table
+            does not get a dense gradient for every row each step; pair
+            :meth:`ESMMModel.sparse_parameters` with ``torch.optim.SparseAdam`` and
+            :meth:`ESMMModel.dense_parameters` with ``torch.optim.Adam``.
+    """
+
+    variant: Variant = "esmm"
+    embedding_dim: PositiveInt = 18
+    hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [200, 80])
+    sparse_embeddings: bool = True
+
+
+class FieldEmbedding(nn.Module):
+    """The embedding table of one field; a bag of ids is sum-pooled.
+
+    A single-valued field uses ``nn.Embedding``: id 0 ("missing") has its own learned vector,
+    because missingness itself can be informative. A multi-valued field uses
+    ``nn.EmbeddingBag(mode="sum", padding_idx=0)``: bags are padded with 0 to ``max_len``,
+    and the padding must contribute nothing to the sum (paper: multi-valued features are
+    pooled by sum).
+
+    Args:
+        spec: the field (its ``kind`` and ``num_buckets`` size the table).
+        embedding_dim: size of one embedding.
+        sparse: produce a sparse gradient (only the looked-up rows).
+
+    Call args:
+        ids: LongTensor ``[B]`` (single) or ``[B, max_len]`` (multi, 0-padded).
+
+    Returns:
+        Tensor ``[B, embedding_dim]``.
+
+    Example:
+        >>> from esmm.config import FieldSpec
+        >>> spec = FieldSpec(name="tags", kind="multi", source="items.tags",
+        ...                  num_buckets=10, max_len=3)
+        >>> FieldEmbedding(spec, embedding_dim=4)(torch.tensor([[1, 2, 0]])).shape
+        torch.Size([1, 4])
+    """
+
+    def __init__(self, spec: FieldSpec, embedding_dim: int, sparse: bool = False) -> None:
+        super().__init__()
+        self.name = spec.name
+        self.table: nn.Embedding | nn.EmbeddingBag
+        if spec.kind == "multi":
+            self.table = nn.EmbeddingBag(
+                spec.num_buckets, embedding_dim, mode="sum", padding_idx=PADDING_ID, sparse=sparse
+            )
+        else:
+            self.table = nn.Embedding(spec.num_buckets, embedding_dim, sparse=sparse)
+        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
+        if spec.kind == "multi":
+            with torch.no_grad():
+                self.table.weight[PADDING_ID].zero_()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table(ids)
+
+
+class EmbeddingCollection(nn.Module):
+    """One :class:`FieldEmbedding` per field of the field list, concatenated in list order.
+
+    Args:
+        fields: the field list (``conf/fields.yaml``).
+        embedding_dim: size of every field's embedding.
+        sparse: tables produce sparse gradients (see :class:`ModelConfig`).
+
+    Call args:
+        batch: mapping from each field name to its ids, ``[B]`` or ``[B, max_len]``; other
+            keys (labels) are ignored.
+
+    Returns:
+        Tensor ``[B, len(fields) * embedding_dim]``.
+
+    Example:
+        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> fields = FieldsConfig(fields=[
+        ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5),
+        ...     FieldSpec(name="tags", kind="multi", source="items.tags", num_buckets=9,
+        ...               max_len=2)])
+        >>> emb = EmbeddingCollection(fields, embedding_dim=3)
+        >>> emb({"user": torch.tensor([1, 4]), "tags": torch.tensor([[1, 0], [2, 3]])}).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, fields: FieldsConfig, embedding_dim: int, sparse: bool = False) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleDict(
+            {spec.name: FieldEmbedding(spec, embedding_dim, sparse) for spec in fields.fields}
+        )
+        self.output_dim = len(fields.fields) * embedding_dim
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([emb(batch[name]) for name, emb in self.embeddings.items()], dim=1)
+
+
+class MLP(nn.Module):
+    """A stack of Linear+ReLU layers (an empty stack is the identity).
+
+    Args:
+        in_features: input size.
+        layer_sizes: output size of each Linear+ReLU layer.
+
+    Call args:
+        x: Tensor ``[B, in_features]``.
+
+    Returns:
+        Tensor ``[B, layer_sizes[-1]]`` (``[B, in_features]`` for an empty stack).
+
+    Example:
+        >>> MLP(360, [200, 80])(torch.randn(4, 360)).shape
+        torch.Size([4, 80])
+    """
+
+    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for size in layer_sizes:
+            layers += [nn.Linear(in_features, size), nn.ReLU()]
+            in_features = size
+        self.layers = nn.Sequential(*layers)
+        self.output_dim = in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class Tower(nn.Module):
+    """One task's network on top of the embeddings: :class:`MLP` then a 1-logit Linear.
+
+    The paper's "360×200×80×2" is 20 fields × 18 → 200 → 80 → a 2-way softmax, which is the
+    same model as one logit with a sigmoid.
+
+    Args:
+        in_features: input size (the embedding collection's ``output_dim``).
+        hidden_dims: hidden layer sizes.
+
+    Call args:
+        x: Tensor ``[B, in_features]``.
+
+    Returns:
+        logit Tensor ``[B]``.
+
+    Example:
+        >>> Tower(360, [200, 80])(torch.randn(4, 360)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, in_features: int, hidden_dims: Sequence[int]) -> None:
+        super().__init__()
+        self.mlp = MLP(in_features, hidden_dims)
+        self.logit = nn.Linear(self.mlp.output_dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logit(self.mlp(x)).squeeze(-1)
+
+
+def division_pcvr(ctr_logit: Tensor, ctcvr_logit: Tensor) -> Tensor:
+    """DIVISION's pCVR = clamp(pCTCVR / pCTR, 0, 1), computed in log space.
+
+    ``exp(logσ(ctcvr) − logσ(ctr))`` cannot divide by a pCTR that underflowed to 0 (which
+    gives inf or NaN); the ratio of two positive numbers is never below 0, so clamping the
+    log-ratio at 0 is the whole [0, 1] clamp.
+
+    Args:
+        ctr_logit: Tensor ``[B]``.
+        ctcvr_logit: Tensor ``[B]``.
+
+    Returns:
+        pCVR Tensor ``[B]`` in [0, 1].
+    """
+    log_ratio = F.logsigmoid(ctcvr_logit) - F.logsigmoid(ctr_logit)
+    return torch.exp(log_ratio.clamp(max=0.0))
+
+
+class ESMMModel(nn.Module):
+    """A CTR tower and a second tower over shared or separate embeddings; see :func:`build_model`.
+
+    Args:
+        variant: which model of the paper's comparison this is.
+        ctr_embedding: embeddings feeding the CTR tower.
+        ctr_tower: the CTR tower.
+        second_tower: the CVR tower, or for ``division`` the CTCVR tower.
+        second_embedding: embeddings feeding the second tower; ``None`` shares
+            ``ctr_embedding`` (ESMM), which also looks each id up only once per batch.
+
+    Call args:
+        batch: mapping field name → ids (``[B]`` or ``[B, max_len]``); labels are ignored.
+
+    Returns:
+        dict of Tensors ``[B]``: ``pctr``, ``pcvr``, ``pctcvr`` (probabilities) and
+        ``ctr_logit``; ``cvr_logit`` for every variant but ``division``, which returns
+        ``ctcvr_logit`` instead. For every variant but ``division``,
+        ``pctcvr = pctr * pcvr`` (paper Eq. (1)); for ``division`` ``pctcvr`` is the CTCVR
+        tower's own output and ``pcvr = clamp(pctcvr / pctr, 0, 1)``.
+
+    Example:
+        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> fields = FieldsConfig(fields=[
+        ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5)])
+        >>> model = build_model(fields, ModelConfig(embedding_dim=4, hidden_dims=[8]))
+        >>> out = model({"user": torch.tensor([1, 2, 3])})
+        >>> out["pctcvr"].shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        ctr_embedding: EmbeddingCollection,
+        ctr_tower: Tower,
+        second_tower: Tower,
+        second_embedding: EmbeddingCollection | None = None,
+    ) -> None:
+        super().__init__()
+        self.variant = variant
+        self.ctr_embedding = ctr_embedding
+        self.ctr_tower = ctr_tower
+        self.second_embedding = second_embedding
+        self.second_tower = second_tower
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        ctr_input = self.ctr_embedding(batch)
+        second_input = ctr_input if self.second_embedding is None else self.second_embedding(batch)
+        ctr_logit = self.ctr_tower(ctr_input)
+        second_logit = self.second_tower(second_input)
+        pctr = torch.sigmoid(ctr_logit)
+        if self.variant == "division":
+            return {
+                "ctr_logit": ctr_logit,
+                "ctcvr_logit": second_logit,
+                "pctr": pctr,
+                "pcvr": division_pcvr(ctr_logit, second_logit),
+                "pctcvr": torch.sigmoid(second_logit),
+            }
+        pcvr = torch.sigmoid(second_logit)
+        return {
+            "ctr_logit": ctr_logit,
+            "cvr_logit": second_logit,
+            "pctr": pctr,
+            "pcvr": pcvr,
+            "pctcvr": pctr * pcvr,
+        }
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables built with ``sparse=True``: train them with ``SparseAdam``."""
+        return [
+            module.weight
+            for module in self.modules()
+            if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse
+        ]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter (towers, dense tables): train them with ``Adam``."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+
+def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
+    """Build the network of ``cfg.variant`` for the field list ``fields``.
+
+    - ``esmm``: one embedding collection shared by the CTR and CVR towers (paper §2.3).
+    - ``esmm_ns``: the same two towers, each with its own embeddings (no sharing).
+    - ``base``, ``aman``, ``oversampling``, ``unbias``: a CVR model and a CTR model with
+      separate embeddings, so nothing the CTR loss does reaches the CVR model; the CTR model
+      only supplies pCTR to evaluate pCTCVR = pCTR × pCVR (and ``unbias``'s propensities).
+      The variants differ only in the CVR loss (:mod:`esmm.losses`).
+    - ``division``: a CTR model and a CTCVR model with separate embeddings, as the paper
+      trains "separately CTR and CTCVR networks"; sharing them would make the baseline a
+      multi-task model, which is what it is there to be compared against.
+
+    Args:
+        fields: the field list; one embedding table per field.
+        cfg: the ``model:`` config section.
+
+    Returns:
+        The untrained model.
+
+    Example:
+        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> fields = FieldsConfig(fields=[
+        ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5)])
+        >>> model = build_model(fields, ModelConfig(variant="base"))
+        >>> model.second_embedding is not None
+        True
+    """
+
+    def embedding() -> EmbeddingCollection:
+        return EmbeddingCollection(fields, cfg.embedding_dim, sparse=cfg.sparse_embeddings)
+
+    ctr_embedding = embedding()
+    second_embedding = None if cfg.variant == "esmm" else embedding()
+    in_features = ctr_embedding.output_dim
+    return ESMMModel(
+        variant=cfg.variant,
+        ctr_embedding=ctr_embedding,
+        ctr_tower=Tower(in_features, cfg.hidden_dims),
+        second_tower=Tower(in_features, cfg.hidden_dims),
+        second_embedding=second_embedding,
+    )

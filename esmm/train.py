@@ -1,0 +1,457 @@
+"""Train an ESMM-family model with Horovod on Petastorm input; track and register it in MLflow.
+
+    horovodrun -np 2 python -m esmm.train --config conf/train.yaml \\
+        --features var/demo/features --train-dates 2026-01-01..2026-01-03 --eval-date 2026-01-04
+
+Reads top to bottom: set-up (config, Horovod, device), data, model, optimizers, tracking,
+the epoch loop (train, evaluate, checkpoint), then the model is logged and registered.
+Every rank runs this file; rank 0 alone talks to MLflow and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from esmm.config import ConfigError, FieldsConfig, StrictModel, load_config
+from esmm.data import (
+    DataConfig,
+    DataError,
+    count_rows,
+    eval_batches,
+    numpy_batch_to_tensors,
+    parse_dates,
+    partition_urls,
+    train_batches,
+)
+from esmm.losses import LossConfig, compute_loss
+from esmm.metrics import evaluate_predictions
+from esmm.model import ModelConfig, build_model
+from esmm.tracking import TrackingConfig, TrackingError
+
+EXIT_USAGE = 2
+
+
+class OptimConfig(StrictModel):
+    """The ``optim:`` section. Adam with the paper's settings for the dense parameters and
+    SparseAdam (same betas/eps) for sparse embedding tables.
+
+    Attributes:
+        lr: learning rate of one worker.
+        sparse_lr: learning rate of the sparse embedding tables (default: ``lr``).
+        betas, eps: Adam's (paper: 0.9, 0.999, 1e-8).
+        scale_lr_by_workers: multiply the learning rates by the number of Horovod workers
+            (the global batch grows with them; Goyal et al.'s linear scaling rule).
+    """
+
+    lr: float = Field(default=1e-3, gt=0)
+    sparse_lr: float | None = Field(default=None, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    scale_lr_by_workers: bool = True
+
+
+class TrainConfig(StrictModel):
+    """The training config (``conf/train.yaml``)."""
+
+    fields_config: str = "conf/fields.yaml"
+    epochs: int = Field(default=1, ge=1)
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    seed: int = 2018
+    checkpoint_dir: str = "var/checkpoints/esmm"
+    oracle: str | None = None
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN/inf loss); nothing is registered."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line. Every option has a config-file counterpart except the data paths."""
+    parser = argparse.ArgumentParser(
+        prog="python -m esmm.train",
+        description=(
+            "Train an ESMM-family model (variant from the config) on feature-table partitions, "
+            "with Horovod when run under horovodrun. Rank 0 logs params, per-epoch AUCs, plots "
+            "and the model to MLflow (MLFLOW_TRACKING_URI, else tracking.tracking_uri, else "
+            "var/mlflow/mlflow.db) and registers it."
+        ),
+        epilog="Example: horovodrun -np 2 python -m esmm.train --config conf/train.yaml "
+        "--features var/demo/features --train-dates 2026-01-01..2026-01-03 --eval-date 2026-01-04",
+    )
+    parser.add_argument("--config", default="conf/train.yaml", help="training config YAML")
+    parser.add_argument("--features", required=True, help="feature table root (path or URL)")
+    parser.add_argument(
+        "--train-dates", required=True, help="partitions to train on: A..B, A,B,C or A"
+    )
+    parser.add_argument("--eval-date", required=True, help="partition(s) to evaluate on")
+    parser.add_argument(
+        "--oracle",
+        help="simulator oracle table root (raw/oracle) for entire-space CVR AUC; "
+        "default: config 'oracle' (none)",
+    )
+    parser.add_argument("--fields", help="field list YAML (default: config 'fields_config')")
+    parser.add_argument("--checkpoint-dir", help="default: config 'checkpoint_dir'")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt"
+    )
+    parser.add_argument("--run-name", help="MLflow run name")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.variant=base --set epochs=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs line per epoch)"
+    )
+    return parser.parse_args(argv)
+
+
+def load_oracle(oracle_root: str, partitions: list[str]):
+    """The oracle rows of the evaluation partitions as a pandas frame indexed by impression."""
+    import pyarrow.dataset as ds
+
+    from esmm.data import partition_urls as _urls
+
+    tables = [
+        ds.dataset(url, format="parquet").to_table(
+            columns=["impression_id", "pctr", "pcvr", "conversion_if_clicked"]
+        )
+        for url in _urls(oracle_root, partitions)
+    ]
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).to_pandas().set_index("impression_id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    # ---- set-up: config, Horovod, device --------------------------------------------------
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    is_chief = rank == 0
+
+    def fail(message: str, code: int = EXIT_USAGE) -> int:
+        if is_chief:
+            print(f"esmm.train: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        cfg = load_config(args.config, TrainConfig, args.overrides)
+        fields = load_config(args.fields or cfg.fields_config, FieldsConfig)
+        train_urls = partition_urls(args.features, parse_dates(args.train_dates))
+        eval_parts = parse_dates(args.eval_date)
+        eval_urls = partition_urls(args.features, eval_parts)
+        oracle_root = args.oracle or cfg.oracle
+        oracle = load_oracle(oracle_root, eval_parts) if oracle_root else None
+    except (ConfigError, DataError) as exc:
+        return fail(str(exc))
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(hvd.local_rank())
+        device = torch.device("cuda", hvd.local_rank())
+    else:
+        device = torch.device("cpu")
+        # Share the cores among the ranks of this host instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    torch.manual_seed(cfg.seed + rank)
+    checkpoint_dir = Path(args.checkpoint_dir or cfg.checkpoint_dir)
+
+    # ---- tracking: fail before any work if MLflow cannot be used ------------------------
+    problem = None
+    if is_chief:
+        from esmm.tracking import check_reachable, resolve_tracking_uri
+
+        try:
+            check_reachable(resolve_tracking_uri(cfg.tracking))
+        except TrackingError as exc:
+            problem = str(exc)
+    problem = hvd.broadcast_object(problem, root_rank=0, name="tracking_check")
+    if problem:
+        return fail(problem, code=1)
+
+    # ---- model and optimizers -------------------------------------------------------------
+    model = build_model(fields, cfg.model).to(device)
+    lr_scale = size if cfg.optim.scale_lr_by_workers else 1
+    dense_params = list(model.dense_parameters())
+    sparse_params = list(model.sparse_parameters())
+    optimizers = []
+    named = dict(model.named_parameters())
+    names_of = {id(p): n for n, p in named.items()}
+    if dense_params:
+        dense = torch.optim.Adam(
+            dense_params, lr=cfg.optim.lr * lr_scale, betas=cfg.optim.betas, eps=cfg.optim.eps
+        )
+        optimizers.append(
+            hvd.DistributedOptimizer(
+                dense, named_parameters=[(names_of[id(p)], p) for p in dense_params]
+            )
+        )
+    if sparse_params:
+        sparse = torch.optim.SparseAdam(
+            sparse_params,
+            lr=(cfg.optim.sparse_lr or cfg.optim.lr) * lr_scale,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        # Sparse gradients are allgathered (indices + rows touched), never densified.
+        optimizers.append(
+            hvd.DistributedOptimizer(
+                sparse, named_parameters=[(names_of[id(p)], p) for p in sparse_params]
+            )
+        )
+
+    start_epoch = 0
+    state = None
+    if args.resume:
+        if is_chief:
+            path = checkpoint_dir / "last.pt"
+            if not path.is_file():
+                problem = f"--resume: no checkpoint at {path}"
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+        problem = hvd.broadcast_object(problem, root_rank=0, name="resume_check")
+        if problem:
+            return fail(problem)
+        state = hvd.broadcast_object(state, root_rank=0, name="resume_state")
+        model.load_state_dict(state["model"])
+        for optimizer, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(opt_state)
+        start_epoch = state["epoch"] + 1
+    # Every rank starts from rank 0's weights and optimizer state.
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for optimizer in optimizers:
+        if optimizer.state_dict()["state"]:
+            optimizer.load_state_dict(
+                hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="opt_state")
+            )
+
+    train_rows = count_rows(train_urls)
+    tracker = None
+    if is_chief:
+        from esmm.tracking import RunTracker
+
+        tracker = RunTracker.open(
+            cfg.tracking,
+            run_name=args.run_name,
+            resume_run_id=state["run_id"] if args.resume else None,
+        )
+        tracker.log_start(
+            cfg=cfg,
+            fields=fields,
+            workers=size,
+            train_dates=args.train_dates,
+            eval_date=args.eval_date,
+            features=args.features,
+            train_rows=train_rows,
+            resumed_from_epoch=start_epoch if args.resume else None,
+        )
+
+    # ---- the epoch loop -------------------------------------------------------------------
+    loss_generator = torch.Generator(device=device)
+    metrics: dict[str, float] = {}
+    arrays: dict[str, np.ndarray] = {}
+    example_batch = None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            loss_generator.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+            steps_estimate = math.ceil(train_rows / (cfg.data.batch_size * size))
+            if cfg.max_steps_per_epoch:
+                steps_estimate = min(steps_estimate, cfg.max_steps_per_epoch)
+            progress = None
+            if is_chief and not args.no_progress:
+                from tqdm import tqdm
+
+                progress = tqdm(
+                    total=steps_estimate * cfg.data.batch_size * size,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    unit="samples",
+                    unit_scale=True,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            running_loss, steps, samples, started = None, 0, 0, time.monotonic()
+            seed = cfg.seed + 7919 * epoch + rank
+            with train_batches(train_urls, fields, cfg.data, rank, size, seed) as batches:
+                for batch in _until_any_rank_is_done(batches, hvd, cfg.max_steps_per_epoch, device):
+                    if example_batch is None:
+                        example_batch = {k: v[:3].cpu().numpy() for k, v in batch.items()}
+                    outputs = model(batch)
+                    loss, parts = compute_loss(
+                        outputs,
+                        batch["click"],
+                        batch["conversion"],
+                        cfg.loss,
+                        cfg.model.variant,
+                        generator=loss_generator,
+                    )
+                    # All ranks learn together whether some rank's loss blew up, so they stop
+                    # together with one clear error instead of hanging in the next allreduce.
+                    finite = hvd.allreduce(
+                        torch.isfinite(loss.detach()).float().cpu(), op=hvd.Min, name="finite"
+                    )
+                    if finite.item() < 1:
+                        raise TrainingError(
+                            f"non-finite loss at epoch {epoch + 1}, step {steps + 1} "
+                            f"(this rank: {loss.item():.4g}; parts: "
+                            + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                            + "). Lower optim.lr or check the input."
+                        )
+                    for optimizer in optimizers:
+                        optimizer.zero_grad()
+                    loss.backward()
+                    for optimizer in optimizers:
+                        optimizer.step()
+                    steps += 1
+                    samples += int(batch["click"].shape[0])
+                    value = loss.item()
+                    running_loss = (
+                        value if running_loss is None else 0.98 * running_loss + 0.02 * value
+                    )
+                    if progress is not None:
+                        progress.update(int(batch["click"].shape[0]) * size)
+                        if steps % 10 == 0:
+                            progress.set_postfix(step=steps, loss=f"{running_loss:.4f}")
+            elapsed = time.monotonic() - started
+            if progress is not None:
+                progress.close()
+
+            # ---- evaluation over the whole eval set, across all ranks --------------------
+            arrays = evaluate(model, eval_urls, fields, cfg.data, hvd, device, oracle)
+            epoch_train = {
+                "train_loss": float(running_loss) if running_loss is not None else float("nan"),
+                "train_samples_per_s": samples * size / max(elapsed, 1e-9),
+                "train_steps": float(steps),
+            }
+            if is_chief:
+                metrics = evaluate_predictions(arrays)
+                tracker.log_epoch(epoch, {**epoch_train, **metrics})
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}: "
+                    + " ".join(
+                        f"{k}={metrics[k]:.4f}"
+                        for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_space_cvr_auc")
+                        if k in metrics
+                    ),
+                    file=sys.stderr,
+                )
+                save_checkpoint(checkpoint_dir, epoch, model, optimizers, tracker.run_id, cfg)
+    except TrainingError as exc:
+        if is_chief:
+            tracker.finish(status="FAILED")
+        return fail(str(exc), code=1)
+
+    # ---- log and register the model -------------------------------------------------------
+    if is_chief:
+        version = tracker.log_model_and_finish(
+            model=model,
+            cfg=cfg,
+            fields=fields,
+            metrics=metrics,
+            arrays=arrays,
+            example_batch=example_batch,
+            train_dates=args.train_dates,
+            eval_date=args.eval_date,
+        )
+        print(tracker.summary(metrics, version))
+    hvd.join()
+    return 0
+
+
+def _until_any_rank_is_done(batches, hvd, max_steps: int | None, device: torch.device):
+    """Yield batches while EVERY rank still has one (and max_steps is not reached).
+
+    Shards hold whole row groups, so their sizes differ; without this a rank that ran out
+    would leave the others waiting forever in the gradient allreduce. One tiny allreduce per
+    step (min over ranks of "I have a batch") keeps them in lock step.
+    """
+    steps = 0
+    iterator = iter(batches)
+    while max_steps is None or steps < max_steps:
+        batch = next(iterator, None)
+        have = torch.tensor([0.0 if batch is None else 1.0])
+        if hvd.allreduce(have, op=hvd.Min, name="have_batch").item() < 1:
+            return
+        steps += 1
+        yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, urls, fields, data_cfg, hvd, device, oracle) -> dict[str, np.ndarray]:
+    """Predict this rank's shard of the eval set and allgather every rank's predictions.
+
+    Returns numpy arrays over the WHOLE eval set (on every rank): ``click``, ``conversion``,
+    ``pctr``, ``pcvr``, ``pctcvr`` and, with an oracle, ``oracle_pctr``, ``oracle_pcvr``,
+    ``conversion_if_clicked``. Gathering the scores (not histograms) keeps AUCs exact.
+    """
+    model.eval()
+    columns = ["click", "conversion", "pctr", "pcvr", "pctcvr"]
+    if oracle is not None:
+        columns += ["oracle_pctr", "oracle_pcvr", "conversion_if_clicked"]
+    pieces = []
+    for batch in eval_batches(urls, fields, hvd.rank(), hvd.size(), data_cfg.reader_workers):
+        ids = batch["impression_id"]
+        for start in range(0, len(ids), data_cfg.eval_batch_size):
+            part = {k: v[start : start + data_cfg.eval_batch_size] for k, v in batch.items()}
+            outputs = model(numpy_batch_to_tensors(part, fields, device))
+            block = [
+                np.asarray(part["click"], dtype=np.float64),
+                np.asarray(part["conversion"], dtype=np.float64),
+                *(outputs[k].double().cpu().numpy() for k in ("pctr", "pcvr", "pctcvr")),
+            ]
+            if oracle is not None:
+                truth = oracle.reindex(part["impression_id"])
+                missing = int(truth["pctr"].isna().sum())
+                if missing:
+                    raise DataError(f"{missing} eval impressions have no oracle row")
+                block += [
+                    truth["pctr"].to_numpy(np.float64),
+                    truth["pcvr"].to_numpy(np.float64),
+                    truth["conversion_if_clicked"].to_numpy(np.float64),
+                ]
+            pieces.append(np.stack(block, axis=1))
+    local = np.concatenate(pieces) if pieces else np.zeros((0, len(columns)))
+    gathered = hvd.allgather(torch.from_numpy(local), name="eval_predictions").numpy()
+    return {name: gathered[:, i] for i, name in enumerate(columns)}
+
+
+def save_checkpoint(directory: Path, epoch: int, model, optimizers, run_id: str, cfg) -> Path:
+    """Write ``last.pt`` atomically (temp file + rename): a crash mid-write keeps the previous."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+        "run_id": run_id,
+        "config": cfg.model_dump(mode="json"),
+    }
+    tmp = directory / ".last.pt.tmp"
+    torch.save(state, tmp)
+    final = directory / "last.pt"
+    os.replace(tmp, final)
+    return final
+
+
+if __name__ == "__main__":
+    sys.exit(main())

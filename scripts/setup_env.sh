@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment: pinned pipeline dependencies, the project
+# in editable mode, and Horovod built by scripts/install_horovod.sh. Idempotent: a second run
+# with an unchanged pyproject.toml finds everything in place and takes seconds.
+#
+# Usage: scripts/setup_env.sh [VENV_DIR]     (default: .venv)
+# Environment: PYTHON (default: python3.11), the interpreter the venv is made from.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${1:-.venv}"
+PYTHON="${PYTHON:-python3.11}"
+# pip warns about every local index folder that lacks a package; drop only those lines
+# (sed, unlike grep -v, exits 0 on empty input, so pipefail still reports pip's own failure).
+quiet_pip() { sed '/is ignored: it is neither a file nor a directory/d'; }
+die() { echo "setup_env: ERROR: $*" >&2; exit 1; }
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found. Install Python 3.11 (with venv and headers) or set PYTHON=/path/to/python3.11."
+"$PYTHON" -c "import sys; assert sys.version_info[:2] == (3, 11)" 2>/dev/null \
+  || die "$PYTHON is $("$PYTHON" --version 2>&1); the pinned stack needs Python 3.11."
+command -v java >/dev/null 2>&1 || die "java not found; Spark needs a JDK 17. Install it: apt-get install openjdk-17-jdk-headless."
+JAVA_MAJOR=$(java -version 2>&1 | head -1 | sed -E 's/.*version "([0-9]+).*/\1/')
+[ "$JAVA_MAJOR" = "17" ] || [ "$JAVA_MAJOR" = "11" ] || [ "$JAVA_MAJOR" = "8" ] \
+  || die "java $JAVA_MAJOR found; Spark 3.5 supports Java 8, 11 and 17. Install openjdk-17-jdk-headless."
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup_env: creating $VENV"
+  "$PYTHON" -m venv "$VENV" || die "could not create a venv with $PYTHON (apt-get install python3-venv?)"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade "pip>=24" 2>&1 | quiet_pip
+
+echo "setup_env: installing the pinned pipeline dependencies and the project (pip install -e .[dev])"
+# Torch first and alone, pinned: with it in place pip never reaches for a CUDA build.
+"$PY" -m pip install -q "torch==2.13.0" 2>&1 | quiet_pip
+"$PY" -m pip install -q -e ".[dev]" 2>&1 | quiet_pip
+"$PY" -c "import torch, pyspark, pyarrow, petastorm, mlflow" \
+  || die "the pipeline dependencies did not install; rerun with 'pip install -e .[dev]' to see why."
+
+scripts/install_horovod.sh "$PY"
+
+"$PY" -c "import horovod.torch, petastorm, pyspark, mlflow, torch; print('setup_env: ok: torch', torch.__version__, '| pyspark', pyspark.__version__, '| petastorm', petastorm.__version__, '| mlflow', mlflow.__version__)"

@@ -1,0 +1,50 @@
+"""Fixtures every test uses: a local SparkSession, horovodrun, a real MLflow server.
+
+- ``spark``: one session-scoped ``local[2]`` SparkSession (UI off, 4 shuffle partitions,
+  quiet logs), built by the same :func:`features.spark.get_spark` the jobs use.
+- ``run_horovod``: runs ``horovodrun -np 2 --gloo`` on a script and returns each rank's
+  output (see :mod:`tests.helpers`).
+- ``mlflow_server``: a real ``mlflow server`` on 127.0.0.1 over SQLite in a temp dir, started
+  once per session and stopped at the end; yields its tracking URI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from tests.helpers import HorovodResult, run_horovodrun, start_mlflow_server  # noqa: E402
+
+# Spark and torch each default to all cores; on 2-core CI, keep torch from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A local SparkSession shared by the whole test session."""
+    from features.spark import get_spark
+
+    session = get_spark("esmm-tests", master="local[2]", shuffle_partitions=4)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def run_horovod() -> Callable[..., HorovodResult]:
+    """``run_horovod(script, *args, np=2, env=None, timeout=300)`` → per-rank output."""
+    return run_horovodrun
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking + registry server on 127.0.0.1; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with start_mlflow_server(root) as uri:
+        yield uri

@@ -1,0 +1,92 @@
+"""Small feature tables written directly with pyarrow, for tests of the torch side.
+
+They follow :func:`esmm.schema.arrow_schema` exactly and carry a learnable signal (click and
+conversion depend on a few field ids), plus an oracle table, so the trainer can be tested
+without running the Spark jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esmm import schema
+from esmm.config import FieldsConfig, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_fields() -> FieldsConfig:
+    """The shipped field list with id spaces shrunk so test models are tiny."""
+    fields = load_config(PROJECT_ROOT / "conf" / "fields.yaml", FieldsConfig)
+    return FieldsConfig(
+        fields=[f.model_copy(update={"num_buckets": min(f.num_buckets, 64)}) for f in fields.fields]
+    )
+
+
+def write_feature_day(
+    root: Path,
+    day: str,
+    fields: FieldsConfig,
+    rows: int,
+    row_group_sizes: list[int] | None = None,
+    seed: int = 0,
+    oracle_root: Path | None = None,
+) -> Path:
+    """Write ``root/dt=day/part-0.parquet`` (and the oracle) with ``rows`` impressions.
+
+    ``row_group_sizes`` sets the row groups explicitly (their sum must be ``rows``), so a
+    test can make shards uneven on purpose.
+    """
+    rng = np.random.default_rng(seed)
+    columns: dict[str, object] = {
+        schema.IMPRESSION_ID: [f"{day}-{i}" for i in range(rows)],
+    }
+    for spec in fields.fields:
+        if spec.kind == "single":
+            columns[spec.name] = rng.integers(0, spec.num_buckets, rows)
+        else:
+            ids = rng.integers(1, spec.num_buckets, (rows, spec.max_len))
+            lengths = rng.integers(0, spec.max_len + 1, rows)
+            ids[np.arange(spec.max_len)[None, :] >= lengths[:, None]] = 0
+            columns[spec.name] = list(ids)
+    first, second = fields.fields[0].name, fields.fields[7].name
+    click_logit = -1.5 + 1.5 * np.sin(np.asarray(columns[first]) * 0.7)
+    cvr_logit = -1.0 + 2.0 * np.cos(np.asarray(columns[second]) * 0.9)
+    pctr = 1 / (1 + np.exp(-click_logit))
+    pcvr = 1 / (1 + np.exp(-cvr_logit))
+    click = (rng.random(rows) < pctr).astype(np.int32)
+    conversion_if_clicked = (rng.random(rows) < pcvr).astype(np.int32)
+    columns[schema.CLICK] = click
+    columns[schema.CONVERSION] = click * conversion_if_clicked
+    table_schema = schema.arrow_schema(fields)
+    table = pa.table({name: columns[name] for name in table_schema.names}, schema=table_schema)
+    out = root / f"{schema.PARTITION}={day}"
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = row_group_sizes or [max(1, rows // 4)] * 4
+    with pq.ParquetWriter(out / "part-0.parquet", table_schema) as writer:
+        start = 0
+        for size in sizes:
+            writer.write_table(table.slice(start, size), row_group_size=size)
+            start += size
+        if start < rows:
+            writer.write_table(table.slice(start), row_group_size=rows - start)
+    if oracle_root is not None:
+        oracle_dir = oracle_root / f"{schema.PARTITION}={day}"
+        oracle_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "impression_id": columns[schema.IMPRESSION_ID],
+                    "pctr": pctr,
+                    "pcvr": pcvr,
+                    "click": click,
+                    "conversion_if_clicked": conversion_if_clicked,
+                }
+            ),
+            oracle_dir / "part-0.parquet",
+        )
+    return out

@@ -1,0 +1,187 @@
+"""Test helpers that run real components: horovodrun and an MLflow server.
+
+Kept out of conftest.py so that scripts and benchmarks can use them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# horovodrun prefixes each line of a rank's output with "[<rank>]<stdout>:" / "[<rank>]<stderr>:".
+_RANK_PREFIX = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+
+
+@dataclass(frozen=True)
+class HorovodResult:
+    """What a horovodrun invocation printed.
+
+    Attributes:
+        returncode: horovodrun's exit status.
+        ranks: rank → that rank's lines (stdout and stderr, prefixes removed), in order.
+        output: the raw combined output, for error messages.
+    """
+
+    returncode: int
+    ranks: dict[int, list[str]]
+    output: str
+
+    def rank_text(self, rank: int) -> str:
+        """All lines of one rank joined with newlines."""
+        return "\n".join(self.ranks.get(rank, []))
+
+
+def split_by_rank(output: str) -> dict[int, list[str]]:
+    """Group horovodrun's prefixed output lines by rank."""
+    ranks: dict[int, list[str]] = {}
+    for line in output.splitlines():
+        match = _RANK_PREFIX.match(line)
+        if match:
+            ranks.setdefault(int(match.group(1)), []).append(match.group(3))
+    return ranks
+
+
+def project_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a subprocess of the project: venv first on PATH, project importable."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYSPARK_PYTHON"] = sys.executable
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_horovodrun(
+    script: str | Path,
+    *args: str,
+    np: int = 2,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    module: bool = False,
+) -> HorovodResult:
+    """Run ``horovodrun -np N -H localhost:N --gloo python [-m] SCRIPT ARGS``.
+
+    Args:
+        script: path of a Python script, or a module name when ``module`` is true.
+        args: arguments for the script.
+        np: number of worker processes.
+        env: extra environment variables.
+        timeout: seconds before the run is killed (a deadlock must fail the test, not hang it).
+        module: run ``python -m script``.
+
+    Returns:
+        The exit code and each rank's output.
+    """
+    target = ["-m", str(script)] if module else [str(script)]
+    command = [
+        str(VENV_BIN / "horovodrun"),
+        "-np",
+        str(np),
+        "-H",
+        f"localhost:{np}",
+        "--gloo",
+        sys.executable,
+        *target,
+        *args,
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=PROJECT_ROOT,
+        env=project_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    return HorovodResult(proc.returncode, split_by_rank(output), output)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
+    """Start ``mlflow server`` on 127.0.0.1 over SQLite under ``root``; yield its URI.
+
+    The server gets its own artifact store (``--artifacts-destination``) and is served with
+    ``--serve-artifacts``, as a remote team server would be, so clients upload artifacts
+    through HTTP rather than writing to a shared folder.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("w")
+    command = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=project_env())
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                server_log = (root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{server_log}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer on {uri} within {timeout}s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def run_command(
+    command: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run a project command (spark-submit, python -m ...) with the project environment."""
+    return subprocess.run(
+        list(command),
+        cwd=PROJECT_ROOT,
+        env=project_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

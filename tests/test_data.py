@@ -1,0 +1,111 @@
+"""Petastorm input: columns, shapes, sharding, and epochs that end together on uneven shards."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+
+from esmm.data import (
+    DataConfig,
+    DataError,
+    count_rows,
+    eval_batches,
+    parse_dates,
+    partition_urls,
+    train_batches,
+)
+from tests.feature_fixtures import small_fields, write_feature_day
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    fields = small_fields()
+    write_feature_day(root, "2026-01-01", fields, rows=1000, seed=1)
+    write_feature_day(root, "2026-01-02", fields, rows=600, seed=2)
+    return root, fields
+
+
+def test_date_specs_expand_to_partitions():
+    assert parse_dates("2026-01-30..2026-02-02") == [
+        "2026-01-30",
+        "2026-01-31",
+        "2026-02-01",
+        "2026-02-02",
+    ]
+    assert parse_dates("train,test") == ["train", "test"]
+    with pytest.raises(DataError, match="end is before the start"):
+        parse_dates("2026-02-02..2026-02-01")
+    with pytest.raises(DataError, match="bad date '2026-13-01'"):
+        parse_dates("2026-13-01")
+
+
+def test_missing_partition_is_named(table):
+    root, _ = table
+    with pytest.raises(DataError, match="dt=2026-03-01"):
+        partition_urls(str(root), ["2026-01-01", "2026-03-01"])
+
+
+def test_batches_hold_only_model_columns_with_tensor_shapes(table):
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01"])
+    cfg = DataConfig(batch_size=128, shuffle_queue_rows=500, reader_workers=1)
+    with train_batches(urls, fields, cfg, seed=3) as batches:
+        batch = next(iter(batches))
+    assert set(batch) == {"click", "conversion", *(f.name for f in fields.fields)}
+    assert batch["click"].dtype == torch.float32 and batch["click"].shape == (128,)
+    bag = fields.by_name("user_recent_categories")
+    assert batch[bag.name].dtype == torch.int64
+    assert batch[bag.name].shape == (128, bag.max_len)
+    assert batch["item_id"].shape == (128,)
+
+
+def test_one_epoch_covers_every_row_once_without_sharding(table):
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01", "2026-01-02"])
+    cfg = DataConfig(batch_size=256, shuffle_queue_rows=300, reader_workers=2)
+    with train_batches(urls, fields, cfg, seed=4) as batches:
+        rows = sum(int(b["click"].shape[0]) for b in batches)
+    assert rows == count_rows(urls) == 1600
+
+
+def test_eval_shards_partition_the_rows_exactly(table):
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01"])
+    ids = [
+        {
+            i
+            for batch in eval_batches(urls, fields, rank, 2, workers=1)
+            for i in batch["impression_id"]
+        }
+        for rank in (0, 1)
+    ]
+    assert ids[0].isdisjoint(ids[1])
+    assert len(ids[0]) + len(ids[1]) == 1000
+
+
+def test_more_workers_than_row_groups_is_a_clear_error(table, tmp_path):
+    _, fields = table
+    write_feature_day(tmp_path, "2026-01-05", fields, rows=50, row_group_sizes=[50])
+    urls = partition_urls(str(tmp_path), ["2026-01-05"])
+    with pytest.raises(DataError, match="row group"):
+        list(eval_batches(urls, fields, 1, 2, workers=1))
+
+
+@pytest.mark.integration
+def test_uneven_shards_end_the_epoch_together_on_every_rank(tmp_path, run_horovod):
+    fields = small_fields()
+    # rank 0 gets row groups 0 and 2 (1000 + 50 rows), rank 1 only row group 1 (50 rows)
+    write_feature_day(tmp_path, "2026-02-01", fields, rows=1100, row_group_sizes=[1000, 50, 50])
+    fields_file = tmp_path / "fields.yaml"
+    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
+    result = run_horovod(
+        "tests/scripts/uneven_shards.py", str(tmp_path), str(fields_file), np=2, timeout=180
+    )
+    assert result.returncode == 0, result.output
+    steps = {r: re.search(r"rank=\d+ steps=(\d+)", result.rank_text(r)).group(1) for r in (0, 1)}
+    assert steps[0] == steps[1]
+    assert int(steps[0]) == 1  # the short shard has one batch of 50 rows
