@@ -14,6 +14,7 @@
 #   HOROVOD_WITH_MPI=1   also build the MPI controller (needs an MPI implementation)
 #   CMAKE                the cmake binary to use (default: the system cmake; PyPI's cmake 4.x
 #                        rejects gloo's old cmake_minimum_required)
+#   CXX                  the C++ compiler (default g++; needs C++17)
 set -euo pipefail
 
 PY="${1:-.venv/bin/python}"
@@ -47,16 +48,7 @@ if ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
 fi
 
 # Prerequisites, checked up front so a missing tool is one line, not a CMake log.
-CMAKE="${CMAKE:-/usr/bin/cmake}"
-[ -x "$CMAKE" ] || CMAKE="$(command -v cmake || true)"
-[ -n "$CMAKE" ] && [ -x "$CMAKE" ] || die "cmake not found. Install it: apt-get install cmake (3.13 <= version < 4)."
-CMAKE_MAJOR=$("$CMAKE" --version | head -1 | sed -E 's/[^0-9]*([0-9]+)\..*/\1/')
-[ "$CMAKE_MAJOR" -lt 4 ] || die "$CMAKE is version 4+; gloo needs cmake 3.x. Install it: apt-get install cmake, or set CMAKE=/path/to/cmake3."
-command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 \
-  || die "no C++ compiler found. Install one: apt-get install g++ (C++17 support needed)."
-command -v make >/dev/null 2>&1 || die "make not found. Install it: apt-get install make."
-"$PY" -c "import sysconfig, os; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null \
-  || die "Python headers (Python.h) missing. Install them: apt-get install python3-dev."
+CMAKE=$(PYTHON="$PY" "$(dirname "$0")/check_prereqs.sh" build) || exit 1
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -15,13 +15,7 @@ PYTHON="${PYTHON:-python3.11}"
 quiet_pip() { sed '/is ignored: it is neither a file nor a directory/d'; }
 die() { echo "setup_env: ERROR: $*" >&2; exit 1; }
 
-command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found. Install Python 3.11 (with venv and headers) or set PYTHON=/path/to/python3.11."
-"$PYTHON" -c "import sys; assert sys.version_info[:2] == (3, 11)" 2>/dev/null \
-  || die "$PYTHON is $("$PYTHON" --version 2>&1); the pinned stack needs Python 3.11."
-command -v java >/dev/null 2>&1 || die "java not found; Spark needs a JDK 17. Install it: apt-get install openjdk-17-jdk-headless."
-JAVA_MAJOR=$(java -version 2>&1 | head -1 | sed -E 's/.*version "([0-9]+).*/\1/')
-[ "$JAVA_MAJOR" = "17" ] || [ "$JAVA_MAJOR" = "11" ] || [ "$JAVA_MAJOR" = "8" ] \
-  || die "java $JAVA_MAJOR found; Spark 3.5 supports Java 8, 11 and 17. Install openjdk-17-jdk-headless."
+PYTHON="$PYTHON" scripts/check_prereqs.sh runtime || exit 1
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup_env: creating $VENV"
