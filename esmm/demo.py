@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--np", type=int, default=2, help="Horovod workers")
     parser.add_argument("--seed", type=int, default=7, help="simulator seed")
     parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: a SQLite store in the work dir)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    tracking_uri = args.tracking_uri or f"sqlite:///{store}"
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
     spark_submit = [
         str(BIN / "spark-submit"),
         "--master",
@@ -174,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         f"quarantine: {features}/_quarantine/)"
     )
     print(f"checkpoints:        {workdir / 'checkpoints'}")
-    print(f"MLflow store:       sqlite:///{store}")
-    print(
-        f"Open MLflow:        {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{store} "
-        "--port 5000   (then http://127.0.0.1:5000)"
-    )
+    print(f"MLflow tracking:    {tracking_uri}  (experiment 'esmm', run name 'demo')")
+    if tracking_uri.startswith("sqlite:///"):
+        print(
+            f"Open MLflow:        {BIN / 'mlflow'} ui --backend-store-uri {tracking_uri} "
+            "--port 5000   (then http://127.0.0.1:5000)"
+        )
     return 0
 
 
