@@ -19,7 +19,8 @@ def test_airflow_env_has_airflow_3_and_the_spark_provider_apart_from_the_pipelin
             "-c",
             "import airflow, airflow.providers.apache.spark.operators.spark_submit as s; "
             "import importlib.util as u; "
-            "print(airflow.__version__, u.find_spec('torch') is None, u.find_spec('horovod') is None)",
+            "print(airflow.__version__, u.find_spec('torch') is None, "
+            "u.find_spec('horovod') is None)",
         ],
         capture_output=True,
         text=True,
