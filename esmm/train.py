@@ -126,18 +126,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_oracle(oracle_root: str, partitions: list[str]):
     """The oracle rows of the evaluation partitions as a pandas frame indexed by impression."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
-
-    from esmm.data import partition_urls as _urls
 
     tables = [
         ds.dataset(url, format="parquet").to_table(
             columns=["impression_id", "pctr", "pcvr", "conversion_if_clicked"]
         )
-        for url in _urls(oracle_root, partitions)
+        for url in partition_urls(oracle_root, partitions)
     ]
-    import pyarrow as pa
-
     return pa.concat_tables(tables).to_pandas().set_index("impression_id")
 
 
@@ -192,34 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- model and optimizers -------------------------------------------------------------
     model = build_model(fields, cfg.model).to(device)
-    lr_scale = size if cfg.optim.scale_lr_by_workers else 1
-    dense_params = list(model.dense_parameters())
-    sparse_params = list(model.sparse_parameters())
-    optimizers = []
-    named = dict(model.named_parameters())
-    names_of = {id(p): n for n, p in named.items()}
-    if dense_params:
-        dense = torch.optim.Adam(
-            dense_params, lr=cfg.optim.lr * lr_scale, betas=cfg.optim.betas, eps=cfg.optim.eps
-        )
-        optimizers.append(
-            hvd.DistributedOptimizer(
-                dense, named_parameters=[(names_of[id(p)], p) for p in dense_params]
-            )
-        )
-    if sparse_params:
-        sparse = torch.optim.SparseAdam(
-            sparse_params,
-            lr=(cfg.optim.sparse_lr or cfg.optim.lr) * lr_scale,
-            betas=cfg.optim.betas,
-            eps=cfg.optim.eps,
-        )
-        # Sparse gradients are allgathered (indices + rows touched), never densified.
-        optimizers.append(
-            hvd.DistributedOptimizer(
-                sparse, named_parameters=[(names_of[id(p)], p) for p in sparse_params]
-            )
-        )
+    optimizers = build_optimizers(model, cfg.optim, hvd)
 
     start_epoch = 0
     state = None
@@ -297,37 +267,20 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in _until_any_rank_is_done(batches, hvd, cfg.max_steps_per_epoch, device):
                     if example_batch is None:
                         example_batch = {k: v[:3].cpu().numpy() for k, v in batch.items()}
-                    outputs = model(batch)
-                    loss, parts = compute_loss(
-                        outputs,
-                        batch["click"],
-                        batch["conversion"],
-                        cfg.loss,
-                        cfg.model.variant,
-                        generator=loss_generator,
+                    loss, parts, finite = train_step(
+                        model, optimizers, batch, cfg, loss_generator, hvd
                     )
-                    # All ranks learn together whether some rank's loss blew up, so they stop
-                    # together with one clear error instead of hanging in the next allreduce.
-                    finite = hvd.allreduce(
-                        torch.isfinite(loss.detach()).float().cpu(), op=hvd.Min, name="finite"
-                    )
-                    if finite.item() < 1:
+                    if not finite:
                         raise TrainingError(
                             f"non-finite loss at epoch {epoch + 1}, step {steps + 1} "
-                            f"(this rank: {loss.item():.4g}; parts: "
-                            + ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                            f"(this rank: {loss:.4g}; parts: "
+                            + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
                             + "). Lower optim.lr or check the input."
                         )
-                    for optimizer in optimizers:
-                        optimizer.zero_grad()
-                    loss.backward()
-                    for optimizer in optimizers:
-                        optimizer.step()
                     steps += 1
                     samples += int(batch["click"].shape[0])
-                    value = loss.item()
                     running_loss = (
-                        value if running_loss is None else 0.98 * running_loss + 0.02 * value
+                        loss if running_loss is None else 0.98 * running_loss + 0.02 * loss
                     )
                     if progress is not None:
                         progress.update(int(batch["click"].shape[0]) * size)
@@ -377,6 +330,75 @@ def main(argv: list[str] | None = None) -> int:
         print(tracker.summary(metrics, version))
     hvd.join()
     return 0
+
+
+def build_optimizers(model: torch.nn.Module, optim: OptimConfig, hvd) -> list:
+    """Adam for the dense parameters and SparseAdam for sparse embedding tables, each wrapped
+    in ``hvd.DistributedOptimizer``; learning rates scaled by the number of workers."""
+    lr_scale = hvd.size() if optim.scale_lr_by_workers else 1
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    optimizers = []
+    dense_params = list(model.dense_parameters())
+    if dense_params:
+        dense = torch.optim.Adam(
+            dense_params, lr=optim.lr * lr_scale, betas=optim.betas, eps=optim.eps
+        )
+        optimizers.append(
+            hvd.DistributedOptimizer(
+                dense, named_parameters=[(names_of[id(p)], p) for p in dense_params]
+            )
+        )
+    sparse_params = list(model.sparse_parameters())
+    if sparse_params:
+        sparse = torch.optim.SparseAdam(
+            sparse_params,
+            lr=(optim.sparse_lr or optim.lr) * lr_scale,
+            betas=optim.betas,
+            eps=optim.eps,
+        )
+        # Sparse gradients are allgathered (indices + rows touched), never densified.
+        optimizers.append(
+            hvd.DistributedOptimizer(
+                sparse, named_parameters=[(names_of[id(p)], p) for p in sparse_params]
+            )
+        )
+    return optimizers
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizers: list,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    hvd,
+) -> tuple[float, dict[str, float], bool]:
+    """One optimisation step: forward, the variant's loss, backward, allreduce, update.
+
+    Returns:
+        This rank's loss, its parts, and whether the loss was finite on EVERY rank. When it
+        was not, no update is applied: every rank learns it from the same allreduce, so all
+        stop together with one clear error instead of hanging in the next allreduce.
+    """
+    outputs = model(batch)
+    loss, parts = compute_loss(
+        outputs,
+        batch["click"],
+        batch["conversion"],
+        cfg.loss,
+        cfg.model.variant,
+        generator=generator,
+    )
+    finite = hvd.allreduce(torch.isfinite(loss.detach()).float().cpu(), op=hvd.Min, name="finite")
+    values = {name: float(part) for name, part in parts.items()}
+    if finite.item() < 1:
+        return float(loss), values, False
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return float(loss), values, True
 
 
 def _until_any_rank_is_done(batches, hvd, max_steps: int | None, device: torch.device):
