@@ -392,13 +392,13 @@ def train_step(
     finite = hvd.allreduce(torch.isfinite(loss.detach()).float().cpu(), op=hvd.Min, name="finite")
     values = {name: float(part) for name, part in parts.items()}
     if finite.item() < 1:
-        return float(loss), values, False
+        return float(loss.detach()), values, False
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
     for optimizer in optimizers:
         optimizer.step()
-    return float(loss), values, True
+    return float(loss.detach()), values, True
 
 
 def _until_any_rank_is_done(batches, hvd, max_steps: int | None, device: torch.device):

@@ -1,0 +1,162 @@
+"""Training throughput: the real trainer (Petastorm input) vs. compute only (batches in memory).
+
+    .venv/bin/python -m bench.training [--rows 400000] [--np 2]
+
+Both sides use the trainer's own build_model / build_optimizers / train_step, so the only
+difference is where batches come from:
+  compute only: the same batches pre-loaded as tensors (the ceiling);
+  real trainer: `python -m esmm.train` (1 process) and `horovodrun -np N` on the same table,
+                samples/s of the training loop as the trainer logs it (train_samples_per_s).
+Prints samples/s and real / compute-only; the target (1 process, CPU) is >= 0.90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+
+from bench.common import PROJECT_ROOT, make_table, print_table, shipped_fields
+from esmm.config import FieldsConfig
+from esmm.data import DataConfig, partition_urls, train_batches
+from esmm.model import build_model
+from esmm.train import TrainConfig, build_optimizers, train_step
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class _SingleProcess:
+    """The few Horovod calls the trainer's step makes, for one process without Horovod."""
+
+    Min = "min"
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+    @staticmethod
+    def allreduce(tensor, op=None, name=None):
+        return tensor
+
+    @staticmethod
+    def DistributedOptimizer(optimizer, named_parameters=None):
+        return optimizer
+
+
+def in_memory_batches(fields: FieldsConfig, rows: int, batch_size: int) -> list[dict]:
+    """Write and read back a table once, keeping its batches as tensors."""
+    with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
+        (day,) = make_table(Path(tmp), rows, seed=11)
+        cfg = DataConfig(batch_size=batch_size, shuffle_queue_rows=0, reader_workers=1)
+        with train_batches(partition_urls(tmp, [day]), fields, cfg, seed=0) as batches:
+            return [{k: v.clone() for k, v in batch.items()} for batch in batches]
+
+
+def compute_only_samples_per_s(
+    fields: FieldsConfig, rows: int = 100_000, batch_size: int = 1024, hvd=None
+) -> float:
+    """Samples/s of train_step on batches already in memory (the compute-only ceiling)."""
+    hvd = hvd or _SingleProcess()
+    cfg = TrainConfig(data=DataConfig(batch_size=batch_size))
+    torch.manual_seed(0)
+    model = build_model(fields, cfg.model)
+    optimizers = build_optimizers(model, cfg.optim, hvd)
+    generator = torch.Generator()
+    batches = in_memory_batches(fields, rows, batch_size)
+    for batch in batches[:5]:  # warm-up: allocator, optimizer state
+        train_step(model, optimizers, batch, cfg, generator, hvd)
+    started = time.perf_counter()
+    samples = 0
+    for batch in batches:
+        train_step(model, optimizers, batch, cfg, generator, hvd)
+        samples += int(batch["click"].shape[0])
+    return samples / (time.perf_counter() - started)
+
+
+def real_trainer_samples_per_s(root: Path, day: str, np_workers: int, batch_size: int) -> float:
+    """Run the real trainer on ``day`` and read the training loop's samples/s from MLflow."""
+    import mlflow
+
+    store = f"sqlite:///{root / f'mlflow-{np_workers}.db'}"
+    train = [
+        sys.executable,
+        "-m",
+        "esmm.train",
+        "--features",
+        str(root),
+        "--train-dates",
+        day,
+        "--eval-date",
+        day,
+        "--no-progress",
+        "--checkpoint-dir",
+        str(root / f"ckpt-{np_workers}"),
+        "--set",
+        "epochs=1",
+        "--set",
+        f"data.batch_size={batch_size}",
+        "--set",
+        "tracking.log_model=false",
+        "--set",
+        "tracking.registered_model_name=null",
+    ]
+    if np_workers > 1:
+        train = [
+            str(VENV_BIN / "horovodrun"),
+            "-np",
+            str(np_workers),
+            "-H",
+            f"localhost:{np_workers}",
+            "--gloo",
+            *train,
+        ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(PROJECT_ROOT)}
+    subprocess.run(train, cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
+    return run.data.metrics["train_samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400_000, help="training rows")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--np", type=int, default=2, help="workers of the horovodrun run")
+    args = parser.parse_args()
+
+    fields = shipped_fields()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        (day,) = make_table(root, args.rows)
+        compute = compute_only_samples_per_s(fields, min(args.rows, 200_000), args.batch_size)
+        real_1 = real_trainer_samples_per_s(root, day, 1, args.batch_size)
+        real_n = real_trainer_samples_per_s(root, day, args.np, args.batch_size)
+    print_table(
+        f"training throughput, {args.rows:,} rows, batch {args.batch_size}, default ESMM",
+        ["setting", "samples/s", "vs compute only"],
+        [
+            ["compute only, 1 process (ceiling)", f"{compute:,.0f}", "1.00"],
+            ["real trainer, 1 process", f"{real_1:,.0f}", f"{real_1 / compute:.2f}"],
+            [
+                f"real trainer, horovodrun -np {args.np}",
+                f"{real_n:,.0f}",
+                f"{real_n / compute:.2f}",
+            ],
+        ],
+    )
+    verdict = "OK" if real_1 / compute >= 0.9 else "BELOW TARGET"
+    print(
+        f"\nreal / compute only (1 process) = {real_1 / compute:.2f}  (target >= 0.90: {verdict})"
+    )
+
+
+if __name__ == "__main__":
+    main()
