@@ -12,9 +12,18 @@ size), and :class:`LossConfig` turns the paper's fixed choices into settings: ta
 (CTR, CVR, CTCVR) = (1, 0, 1) is Eq. (3); a CVR term on clicked impressions and stop-gradient
 on the CTCVR product are the design notes' open questions 1 and 2.
 
+Wang et al., "ESCM²: Entire Space Counterfactual Multi-Task Model for Post-Click Conversion
+Rate Estimation", SIGIR 2022 (arXiv 2204.05125), show that ESMM's pCVR is biased upwards
+(Inherent Estimation Bias) and that its CTCVR task can ignore click → conversion causality
+(Potential Independence Priority), and add a counterfactual CVR risk as a regulariser:
+``L = L_CTR + λ_c · R_CVR + λ_g · L_CTCVR``, with ``R_CVR`` the paper's IPS estimator
+(``escm2_ips``, :func:`escm2_ips_risk`) or DR estimator (``escm2_dr``,
+:func:`escm2_dr_risk`, plus the imputation loss :func:`escm2_imputation_loss`).
+
 Every part is returned for logging: ``loss_ctr``, ``loss_cvr`` (on clicked impressions, the
-variant's weighting) and ``loss_ctcvr`` (all impressions). A part that a variant does not
-train on is still computed, without gradient, so the same curves exist for every variant.
+variant's weighting) and ``loss_ctcvr`` (all impressions); ``escm2_dr`` adds
+``loss_imputation``. A part that a variant does not train on is still computed, without
+gradient, so the same curves exist for every variant.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
 from esmm.config import StrictModel
-from esmm.model import ESMM_VARIANTS, SEPARATE_CVR_VARIANTS, Variant
+from esmm.model import ESCM2_VARIANTS, ESMM_VARIANTS, SEPARATE_CVR_VARIANTS, Variant
 
 __all__ = [
     "LossConfig",
@@ -36,6 +45,10 @@ __all__ = [
     "bce_with_logits",
     "compute_loss",
     "cvr_sample_weights",
+    "escm2_dr_risk",
+    "escm2_imputation_loss",
+    "escm2_ips_risk",
+    "escm2_propensity",
     "product_bce_with_logits",
 ]
 
@@ -77,6 +90,20 @@ class LossConfig(StrictModel):
         unbias_min_propensity: UNBIAS clips pCTR from below at this value before taking
             1 / pCTR as a clicked impression's weight, so one badly predicted impression
             cannot dominate the loss (the variance of inverse-propensity weights).
+        escm2_cvr_weight: ESCM²'s λ_c, the weight of the counterfactual CVR risk (IPS or
+            DR). A default to tune: the authors' PaddleRec configs use 0.5.
+        escm2_ctcvr_weight: ESCM²'s λ_g, the weight of the CTCVR ("global") risk; 1.0 keeps
+            ESMM's loss as the part λ_c is added to.
+        escm2_min_propensity: the propensity ô = pCTR is clipped from below at this value,
+            so no clicked impression weighs more than 1 / escm2_min_propensity (20 at the
+            default 0.05; the authors' code caps 1 / pCTR at 15).
+        escm2_propensity_grad: let the counterfactual CVR risk's gradient flow into the CTR
+            tower through 1 / ô. Off by default: minimising Σ o·e / ô over ô only pushes the
+            clicked impressions' pCTR up in proportion to their CVR error, a signal with no
+            meaning for the click task (the CTR loss already fits pCTR); the authors' IPS code
+            stops this gradient too. The imputation loss always uses a detached ô.
+        escm2_imputation_weight: weight of the DR imputation loss (``escm2_dr`` only); it
+            trains only the imputation tower (and the shared embeddings below it).
     """
 
     task_weights: TaskWeights = Field(default_factory=TaskWeights)
@@ -84,6 +111,11 @@ class LossConfig(StrictModel):
     aman_negative_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     oversampling_factor: int = Field(default=5, ge=1)
     unbias_min_propensity: float = Field(default=0.01, gt=0.0, le=1.0)
+    escm2_cvr_weight: NonNegativeFloat = 0.1
+    escm2_ctcvr_weight: NonNegativeFloat = 1.0
+    escm2_min_propensity: float = Field(default=0.05, gt=0.0, le=1.0)
+    escm2_propensity_grad: bool = False
+    escm2_imputation_weight: NonNegativeFloat = 1.0
 
 
 def bce_with_logits(logit: Tensor, label: Tensor) -> Tensor:
@@ -192,6 +224,97 @@ def cvr_sample_weights(
     )
 
 
+def escm2_propensity(ctr_logit: Tensor, min_propensity: float, grad: bool = False) -> Tensor:
+    """ESCM²'s propensity ô = max(pCTR, min_propensity), the probability of a click.
+
+    Args:
+        ctr_logit: Tensor ``[B]``.
+        min_propensity: clip from below; 1 / ô is at most 1 / min_propensity.
+        grad: keep the graph to the CTR logit (``escm2_propensity_grad``); detached otherwise.
+
+    Returns:
+        Tensor ``[B]`` in [min_propensity, 1].
+    """
+    logit = ctr_logit if grad else ctr_logit.detach()
+    return torch.sigmoid(logit).clamp(min=min_propensity)
+
+
+def escm2_ips_risk(cvr_error: Tensor, click: Tensor, propensity: Tensor) -> Tensor:
+    """ESCM²'s IPS estimator of the entire-space CVR risk: (1/|D|) Σ_{i∈D} o_i e_i / ô_i.
+
+    The mean is over ALL impressions D of the batch, not over the clicked ones: e / ô on a
+    click stands for the 1 / ô impressions like it, clicked or not, so the sum estimates the
+    error summed over the entire space and |D| makes it a mean (a self-normalised Σ o / ô in
+    the denominator would be a different, biased estimator).
+
+    Args:
+        cvr_error: e_i = BCE(conversion, pCVR), Tensor ``[B]`` (read where click is 1).
+        click: o_i, Tensor ``[B]`` of 0/1.
+        propensity: ô_i, Tensor ``[B]`` (see :func:`escm2_propensity`).
+
+    Returns:
+        Scalar Tensor.
+
+    Example:
+        >>> escm2_ips_risk(torch.tensor([2.0, 5.0]), torch.tensor([1.0, 0.0]),
+        ...                torch.tensor([0.5, 0.5]))
+        tensor(2.)
+    """
+    return (click * cvr_error / propensity).mean()
+
+
+def escm2_dr_risk(
+    cvr_error: Tensor, imputed_error: Tensor, click: Tensor, propensity: Tensor
+) -> Tensor:
+    """ESCM²'s DR estimator: (1/|D|) Σ_{i∈D} [ê_i + o_i (e_i − ê_i) / ô_i].
+
+    The imputation ê is detached here: this risk trains the CVR tower (through e), with ê a
+    fixed control variate, as in doubly robust joint learning where the prediction and the
+    imputation model take turns. Left attached, the risk is linear in ê with slope
+    (1 − o / ô), and minimising it would drive ê to ±∞ instead of towards e.
+    With ê ≡ 0 it is exactly :func:`escm2_ips_risk`.
+
+    Args:
+        cvr_error: e_i = BCE(conversion, pCVR), Tensor ``[B]``.
+        imputed_error: ê_i, the imputation tower's output, Tensor ``[B]``.
+        click: o_i, Tensor ``[B]`` of 0/1.
+        propensity: ô_i, Tensor ``[B]``.
+
+    Returns:
+        Scalar Tensor.
+    """
+    imputed = imputed_error.detach()
+    return (imputed + click * (cvr_error - imputed) / propensity).mean()
+
+
+def escm2_imputation_loss(
+    cvr_error: Tensor, imputed_error: Tensor, click: Tensor, propensity: Tensor
+) -> Tensor:
+    """ESCM²'s imputation loss: (1/|D|) Σ_{i∈D} o_i (e_i − ê_i)² / ô_i.
+
+    The target e and the propensity ô are detached: this loss fits the imputation tower to
+    the CVR tower's current error and must not move the CVR tower towards its own imputation
+    (which it could do by making its error worse) nor the CTR tower.
+
+    Args:
+        cvr_error: e_i, Tensor ``[B]``.
+        imputed_error: ê_i, Tensor ``[B]``.
+        click: o_i, Tensor ``[B]`` of 0/1.
+        propensity: ô_i, Tensor ``[B]``.
+
+    Returns:
+        Scalar Tensor.
+    """
+    residual = cvr_error.detach() - imputed_error
+    return (click * residual.square() / propensity.detach()).mean()
+
+
+def _ctcvr_loss(ctr_logit: Tensor, cvr_logit: Tensor, label: Tensor, grad_into: str) -> Tensor:
+    ctcvr_ctr_logit = ctr_logit.detach() if grad_into == "cvr" else ctr_logit
+    ctcvr_cvr_logit = cvr_logit.detach() if grad_into == "ctr" else cvr_logit
+    return product_bce_with_logits(ctcvr_ctr_logit, ctcvr_cvr_logit, label).mean()
+
+
 def compute_loss(
     outputs: Mapping[str, Tensor],
     click: Tensor,
@@ -211,6 +334,12 @@ def compute_loss(
       one on its own loss.
     - ``division``: ``BCE(y, pCTR) + BCE(y∧z, pCTCVR)``, both over all impressions, both
       from the two towers' logits.
+    - ``escm2_ips``: ``BCE(y, pCTR) + λ_c·R_IPS + λ_g·BCE(y∧z, pCTR × pCVR)`` (ESCM²'s
+      global loss), ``R_IPS`` = :func:`escm2_ips_risk` with e = BCE(z, pCVR) and
+      ô = :func:`escm2_propensity`; ``ctcvr_grad_into`` applies to the CTCVR term.
+    - ``escm2_dr``: the same with ``R_DR`` = :func:`escm2_dr_risk`, plus
+      ``escm2_imputation_weight`` × :func:`escm2_imputation_loss` (needs the model's
+      ``imputed_cvr_error``).
 
     Means are over the batch (CTR, CTCVR) or over the CVR samples' weights; a batch with no
     clicked impression gives a CVR loss of 0.
@@ -226,7 +355,8 @@ def compute_loss(
 
     Returns:
         ``(loss, parts)``: the scalar to back-propagate, and detached scalars ``loss_ctr``,
-        ``loss_cvr``, ``loss_ctcvr``.
+        ``loss_cvr``, ``loss_ctcvr`` (and ``loss_imputation`` for ``escm2_dr``). For the
+        ESCM² variants ``loss_cvr`` is the counterfactual risk (IPS or DR).
 
     Example:
         >>> outputs = {"ctr_logit": torch.zeros(2), "cvr_logit": torch.zeros(2)}
@@ -238,6 +368,7 @@ def compute_loss(
     ctr_logit = outputs["ctr_logit"]
     ctcvr_label = click * conversion
     loss_ctr = bce_with_logits(ctr_logit, click).mean()
+    extra_parts: dict[str, Tensor] = {}
 
     if variant == "division":
         loss_ctcvr = bce_with_logits(outputs["ctcvr_logit"], ctcvr_label).mean()
@@ -246,9 +377,7 @@ def compute_loss(
         total = loss_ctr + loss_ctcvr
     elif variant in ESMM_VARIANTS:
         cvr_logit = outputs["cvr_logit"]
-        ctcvr_ctr_logit = ctr_logit.detach() if cfg.ctcvr_grad_into == "cvr" else ctr_logit
-        ctcvr_cvr_logit = cvr_logit.detach() if cfg.ctcvr_grad_into == "ctr" else cvr_logit
-        loss_ctcvr = product_bce_with_logits(ctcvr_ctr_logit, ctcvr_cvr_logit, ctcvr_label).mean()
+        loss_ctcvr = _ctcvr_loss(ctr_logit, cvr_logit, ctcvr_label, cfg.ctcvr_grad_into)
         loss_cvr = _weighted_mean(bce_with_logits(cvr_logit, conversion), click)
         weights = cfg.task_weights
         total = weights.ctr * loss_ctr + weights.cvr * loss_cvr + weights.ctcvr * loss_ctcvr
@@ -259,6 +388,31 @@ def compute_loss(
         with torch.no_grad():
             loss_ctcvr = product_bce_with_logits(ctr_logit, cvr_logit, ctcvr_label).mean()
         total = loss_ctr + loss_cvr
+    elif variant in ESCM2_VARIANTS:
+        cvr_logit = outputs["cvr_logit"]
+        loss_ctcvr = _ctcvr_loss(ctr_logit, cvr_logit, ctcvr_label, cfg.ctcvr_grad_into)
+        # e_i is computed for every impression but only read where o_i = 1 (an unclicked
+        # impression's conversion label is 0 by the table's contract, not an observation).
+        cvr_error = bce_with_logits(cvr_logit, conversion)
+        propensity = escm2_propensity(
+            ctr_logit, cfg.escm2_min_propensity, grad=cfg.escm2_propensity_grad
+        )
+        if variant == "escm2_ips":
+            loss_cvr = escm2_ips_risk(cvr_error, click, propensity)
+            loss_imputation = torch.zeros((), dtype=loss_ctr.dtype, device=loss_ctr.device)
+        else:
+            if "imputed_cvr_error" not in outputs:
+                raise KeyError("escm2_dr needs the model output 'imputed_cvr_error'")
+            imputed = outputs["imputed_cvr_error"]
+            loss_cvr = escm2_dr_risk(cvr_error, imputed, click, propensity)
+            loss_imputation = escm2_imputation_loss(cvr_error, imputed, click, propensity)
+            extra_parts["loss_imputation"] = loss_imputation.detach()
+        total = (
+            loss_ctr
+            + cfg.escm2_cvr_weight * loss_cvr
+            + cfg.escm2_ctcvr_weight * loss_ctcvr
+            + cfg.escm2_imputation_weight * loss_imputation
+        )
     else:
         raise ValueError(f"unknown variant '{variant}'")
 
@@ -266,5 +420,6 @@ def compute_loss(
         "loss_ctr": loss_ctr.detach(),
         "loss_cvr": loss_cvr.detach(),
         "loss_ctcvr": loss_ctcvr.detach(),
+        **extra_parts,
     }
     return total, parts

@@ -6,7 +6,9 @@ impressions of the test set and the AUC of the CTCVR task on all impressions.
 what the paper could not: the CVR AUC over the ENTIRE impression space against the
 counterfactual conversion label (would this impression have converted, had it been
 clicked?), plus the same metrics for the true probabilities, the Bayes ceiling no model can
-beat on average.
+beat on average. With the oracle's true pCVR it also measures ESMM's Inherent Estimation
+Bias (Wang et al., ESCM², SIGIR 2022) directly: mean predicted / mean true pCVR over the
+entire impression space, over clicks, and within deciles of the model's pCTR.
 
 The AUC is exact (rank-based, ties count one half) so that small differences between
 variants are not artefacts of binning; it needs no scikit-learn.
@@ -24,6 +26,8 @@ __all__ = [
     "CalibrationCurve",
     "calibration",
     "calibration_curve",
+    "estimation_bias",
+    "estimation_bias_by_quantile",
     "evaluate_predictions",
     "logloss",
     "roc_auc",
@@ -202,6 +206,65 @@ def calibration_curve(
     )
 
 
+def estimation_bias(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean predicted probability / mean true probability (ESCM²'s Inherent Estimation Bias).
+
+    Compared with :func:`calibration` the denominator is the true probability, not a 0/1
+    label: no label noise, and it exists for impressions whose label was never observed.
+    Above 1 the model over-estimates on average.
+
+    Args:
+        predicted: array ``[N]`` of predicted probabilities.
+        truth: array ``[N]`` of true probabilities (or labels) of the same impressions.
+
+    Returns:
+        The ratio; NaN for no sample or a true mean of 0.
+
+    Example:
+        >>> estimation_bias(np.array([0.1, 0.3]), np.array([0.1, 0.1]))
+        2.0
+    """
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    if t.size == 0 or t.sum() <= 0:
+        return float("nan")
+    return float(np.asarray(predicted, dtype=np.float64).sum() / t.sum())
+
+
+def estimation_bias_by_quantile(
+    predicted: np.ndarray, truth: np.ndarray, by: np.ndarray, bins: int = 10
+) -> np.ndarray:
+    """:func:`estimation_bias` within equal-count bins of ``by``, lowest ``by`` first.
+
+    Bins are cut by rank (a stable sort of ``by``), so each holds ⌊N/bins⌋ or ⌈N/bins⌉
+    impressions even where ``by`` has ties (ties at a bin edge are split in input order):
+    quantile edges on tied scores would leave bins empty.
+
+    Args:
+        predicted: array ``[N]`` of predicted probabilities.
+        truth: array ``[N]`` of true probabilities.
+        by: array ``[N]`` that orders the impressions (e.g. the model's pCTR).
+        bins: number of bins.
+
+    Returns:
+        Array ``[bins]`` of ratios; NaN for an empty bin (N < bins) or a true mean of 0.
+
+    Example:
+        >>> estimation_bias_by_quantile(np.array([.2, .2, .1, .1]), np.array([.1, .1, .1, .1]),
+        ...                             by=np.array([.9, .8, .2, .1]), bins=2).tolist()
+        [1.0, 2.0]
+    """
+    p = np.asarray(predicted, dtype=np.float64).ravel()
+    t = np.asarray(truth, dtype=np.float64).ravel()
+    order = np.argsort(np.asarray(by, dtype=np.float64).ravel(), kind="stable")
+    return np.array(
+        [estimation_bias(p[part], t[part]) for part in np.array_split(order, bins)],
+        dtype=np.float64,
+    )
+
+
+# pCTR deciles of the IEB metrics: cvr_ieb_ctr_decile_1 (lowest pCTR) ... _10.
+IEB_CTR_BINS = 10
+
 REQUIRED_ARRAYS = ("click", "conversion", "pctr", "pcvr", "pctcvr")
 
 
@@ -222,7 +285,14 @@ def evaluate_predictions(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         ``entire_space_cvr_auc`` (model pCVR vs ``conversion_if_clicked`` over all
         impressions), and the Bayes ceilings ``oracle_ctr_auc``, ``oracle_cvr_auc``
         (clicked), ``oracle_ctcvr_auc`` (true pCTR × true pCVR),
-        ``oracle_entire_space_cvr_auc``.
+        ``oracle_entire_space_cvr_auc``; the Inherent Estimation Bias of pCVR (ESCM²)
+        against ``oracle_pcvr``, see :func:`estimation_bias`: ``cvr_ieb`` (all impressions),
+        ``cvr_ieb_clicked`` (clicked ones) and ``cvr_ieb_ctr_decile_1`` (lowest model pCTR)
+        … ``cvr_ieb_ctr_decile_10``; and against ``conversion_if_clicked``:
+        ``cvr_ieb_vs_counterfactual`` (mean pCVR / counterfactual conversion rate, all
+        impressions). Deciles are of the MODEL's pCTR, because ESMM's pCVR is in effect
+        pCTCVR / pCTR, so its CVR bias follows the errors of its own pCTR; the model's pCTR
+        is also what ESCM² takes as propensity and what exists on real data.
 
     Raises:
         KeyError: naming the required arrays that are missing.
@@ -261,11 +331,17 @@ def evaluate_predictions(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     oracle_pcvr = arrays.get("oracle_pcvr")
     if counterfactual is not None:
         metrics["entire_space_cvr_auc"] = roc_auc(counterfactual, pcvr)
+        metrics["cvr_ieb_vs_counterfactual"] = estimation_bias(pcvr, counterfactual)
     if oracle_pctr is not None:
         metrics["oracle_ctr_auc"] = roc_auc(click, oracle_pctr)
     if oracle_pcvr is not None:
         oracle_pcvr = np.asarray(oracle_pcvr)
         metrics["oracle_cvr_auc"] = roc_auc(conversion[clicked], oracle_pcvr[clicked])
+        metrics["cvr_ieb"] = estimation_bias(pcvr, oracle_pcvr)
+        metrics["cvr_ieb_clicked"] = estimation_bias(pcvr[clicked], oracle_pcvr[clicked])
+        deciles = estimation_bias_by_quantile(pcvr, oracle_pcvr, by=pctr, bins=IEB_CTR_BINS)
+        for decile, ratio in enumerate(deciles, start=1):
+            metrics[f"cvr_ieb_ctr_decile_{decile}"] = float(ratio)
         if counterfactual is not None:
             metrics["oracle_entire_space_cvr_auc"] = roc_auc(counterfactual, oracle_pcvr)
         if oracle_pctr is not None:

@@ -9,11 +9,16 @@ Small modules, composed per variant by :func:`build_model`:
 - :class:`Tower`: an :class:`MLP` and a 1-logit output layer (the paper's 360×200×80×2 with
   the 2-way softmax written as one logit);
 - :class:`ESMMModel`: a CTR tower and a second tower (CVR, or CTCVR for ``division``) over one
-  shared or two separate embedding collections.
+  shared or two separate embedding collections, plus for ``escm2_dr`` an imputation tower.
 
 Ma et al., "Entire Space Multi-Task Model", SIGIR 2018 (arXiv 1804.07931), Section 2.3:
 pCTCVR = pCTR × pCVR, the two towers share the embedding layer. The network knows nothing of
 readers or files: it takes a batch ``dict[str, Tensor]`` keyed by field name.
+
+Wang et al., "ESCM²: Entire Space Counterfactual Multi-Task Model", SIGIR 2022 (arXiv
+2204.05125), keep ESMM's network and add a counterfactual CVR risk to its loss
+(``escm2_ips``, ``escm2_dr``); the doubly robust one needs an imputation tower that predicts
+the CVR tower's error.
 
 The losses of each variant live in :mod:`esmm.losses`, the metrics in :mod:`esmm.metrics`.
 """
@@ -32,9 +37,11 @@ from esmm.config import FieldsConfig, FieldSpec, StrictModel
 from esmm.schema import PADDING_ID
 
 __all__ = [
+    "ESCM2_VARIANTS",
     "ESMM_VARIANTS",
     "MLP",
     "SEPARATE_CVR_VARIANTS",
+    "SHARED_EMBEDDING_VARIANTS",
     "ESMMModel",
     "EmbeddingCollection",
     "FieldEmbedding",
@@ -45,12 +52,26 @@ __all__ = [
     "division_pcvr",
 ]
 
-Variant = Literal["esmm", "esmm_ns", "base", "aman", "oversampling", "unbias", "division"]
+Variant = Literal[
+    "esmm",
+    "esmm_ns",
+    "base",
+    "aman",
+    "oversampling",
+    "unbias",
+    "division",
+    "escm2_ips",
+    "escm2_dr",
+]
 
 # Variants whose CVR tower is fitted through the CTCVR product over all impressions.
 ESMM_VARIANTS: frozenset[str] = frozenset({"esmm", "esmm_ns"})
 # Variants with an independent CTR model and a CVR model fitted on (re-weighted) clicks.
 SEPARATE_CVR_VARIANTS: frozenset[str] = frozenset({"base", "aman", "oversampling", "unbias"})
+# ESMM plus a counterfactual (inverse-propensity or doubly robust) CVR risk on clicks.
+ESCM2_VARIANTS: frozenset[str] = frozenset({"escm2_ips", "escm2_dr"})
+# Variants whose towers all read one embedding collection.
+SHARED_EMBEDDING_VARIANTS: frozenset[str] = frozenset({"esmm"}) | ESCM2_VARIANTS
 
 # Small initial embeddings keep every id's first prediction near the towers' bias, so rare
 # ids (seen a handful of times) do not keep large random vectors that the towers must undo.
@@ -249,6 +270,8 @@ class ESMMModel(nn.Module):
         second_tower: the CVR tower, or for ``division`` the CTCVR tower.
         second_embedding: embeddings feeding the second tower; ``None`` shares
             ``ctr_embedding`` (ESMM), which also looks each id up only once per batch.
+        imputation_tower: ``escm2_dr`` only: predicts the CVR tower's per-impression error
+            from the second tower's input (the shared embeddings).
 
     Call args:
         batch: mapping field name → ids (``[B]`` or ``[B, max_len]``); labels are ignored.
@@ -258,7 +281,10 @@ class ESMMModel(nn.Module):
         ``ctr_logit``; ``cvr_logit`` for every variant but ``division``, which returns
         ``ctcvr_logit`` instead. For every variant but ``division``,
         ``pctcvr = pctr * pcvr`` (paper Eq. (1)); for ``division`` ``pctcvr`` is the CTCVR
-        tower's own output and ``pcvr = clamp(pctcvr / pctr, 0, 1)``.
+        tower's own output and ``pcvr = clamp(pctcvr / pctr, 0, 1)``. With an imputation
+        tower also ``imputed_cvr_error``: ê, the predicted BCE(conversion, pCVR) of each
+        impression, the tower's raw linear output (not squashed, so that zeroing the last
+        layer gives ê ≡ 0, the case where the DR risk is the IPS risk).
 
     Example:
         >>> from esmm.config import FieldSpec, FieldsConfig
@@ -277,6 +303,7 @@ class ESMMModel(nn.Module):
         ctr_tower: Tower,
         second_tower: Tower,
         second_embedding: EmbeddingCollection | None = None,
+        imputation_tower: Tower | None = None,
     ) -> None:
         super().__init__()
         self.variant = variant
@@ -284,6 +311,7 @@ class ESMMModel(nn.Module):
         self.ctr_tower = ctr_tower
         self.second_embedding = second_embedding
         self.second_tower = second_tower
+        self.imputation_tower = imputation_tower
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         ctr_input = self.ctr_embedding(batch)
@@ -300,13 +328,16 @@ class ESMMModel(nn.Module):
                 "pctcvr": torch.sigmoid(second_logit),
             }
         pcvr = torch.sigmoid(second_logit)
-        return {
+        outputs = {
             "ctr_logit": ctr_logit,
             "cvr_logit": second_logit,
             "pctr": pctr,
             "pcvr": pcvr,
             "pctcvr": pctr * pcvr,
         }
+        if self.imputation_tower is not None:
+            outputs["imputed_cvr_error"] = self.imputation_tower(second_input)
+        return outputs
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables built with ``sparse=True``: train them with ``SparseAdam``."""
@@ -334,6 +365,11 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
     - ``division``: a CTR model and a CTCVR model with separate embeddings, as the paper
       trains "separately CTR and CTCVR networks"; sharing them would make the baseline a
       multi-task model, which is what it is there to be compared against.
+    - ``escm2_ips``: ``esmm``'s network (shared embeddings, CTR and CVR towers); only the
+      loss differs (ESCM², Wang et al. SIGIR 2022).
+    - ``escm2_dr``: the same plus an imputation :class:`Tower` of the same shape over the
+      shared embeddings, whose output ê predicts the CVR tower's error (the doubly robust
+      estimator's imputation model).
 
     Args:
         fields: the field list; one embedding table per field.
@@ -355,12 +391,14 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
         return EmbeddingCollection(fields, cfg.embedding_dim, sparse=cfg.sparse_embeddings)
 
     ctr_embedding = embedding()
-    second_embedding = None if cfg.variant == "esmm" else embedding()
+    second_embedding = None if cfg.variant in SHARED_EMBEDDING_VARIANTS else embedding()
     in_features = ctr_embedding.output_dim
+    imputation_tower = Tower(in_features, cfg.hidden_dims) if cfg.variant == "escm2_dr" else None
     return ESMMModel(
         variant=cfg.variant,
         ctr_embedding=ctr_embedding,
         ctr_tower=Tower(in_features, cfg.hidden_dims),
         second_tower=Tower(in_features, cfg.hidden_dims),
         second_embedding=second_embedding,
+        imputation_tower=imputation_tower,
     )

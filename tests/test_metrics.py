@@ -163,3 +163,78 @@ def test_roc_curve_area_matches_roc_auc_with_ties():
     assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
     area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids = ties averaged
     assert area == pytest.approx(roc_auc(labels, scores))
+
+
+def test_estimation_bias_is_mean_prediction_over_mean_truth() -> None:
+    from esmm.metrics import estimation_bias
+
+    assert estimation_bias(np.array([0.1, 0.3]), np.array([0.05, 0.15])) == pytest.approx(2.0)
+    assert estimation_bias(np.array([0.2, 0.2]), np.array([0.4, 0.4])) == pytest.approx(0.5)
+    assert math.isnan(estimation_bias(np.array([0.2]), np.array([0.0])))
+    assert math.isnan(estimation_bias(np.zeros(0), np.zeros(0)))
+
+
+def ieb_arrays() -> dict[str, np.ndarray]:
+    # True pCVR 0.1 everywhere; the model predicts 0.3 on the 2 clicked impressions and 0.1 on
+    # the 2 unclicked ones (where ESMM-style bias would hide from the clicked-only metrics).
+    return {
+        "click": np.array([1, 1, 0, 0]),
+        "conversion": np.array([1, 0, 0, 0]),
+        "pctr": np.array([0.8, 0.6, 0.3, 0.1]),
+        "pcvr": np.array([0.3, 0.3, 0.1, 0.1]),
+        "pctcvr": np.array([0.24, 0.18, 0.03, 0.01]),
+        "oracle_pctr": np.array([0.8, 0.6, 0.3, 0.1]),
+        "oracle_pcvr": np.array([0.1, 0.1, 0.1, 0.1]),
+        "conversion_if_clicked": np.array([1, 0, 0, 0]),
+    }
+
+
+def test_cvr_ieb_compares_mean_pcvr_with_true_pcvr_over_all_and_clicked_impressions() -> None:
+    metrics = evaluate_predictions(ieb_arrays())
+    assert metrics["cvr_ieb"] == pytest.approx(0.2 / 0.1)  # mean 0.2 vs true 0.1
+    assert metrics["cvr_ieb_clicked"] == pytest.approx(0.3 / 0.1)
+    # one counterfactual conversion in 4 impressions: 0.2 / 0.25
+    assert metrics["cvr_ieb_vs_counterfactual"] == pytest.approx(0.8)
+
+
+def test_cvr_ieb_deciles_follow_the_models_pctr_from_lowest_to_highest() -> None:
+    rng = np.random.default_rng(3)
+    n = 40  # 4 impressions per decile
+    pctr = np.linspace(0.01, 0.8, n)
+    decile = np.arange(n) // 4 + 1  # 1 = lowest pCTR
+    oracle_pcvr = rng.uniform(0.02, 0.08, n)
+    # within decile k the model predicts k × the truth on average (per impression too)
+    pcvr = decile * oracle_pcvr
+    shuffle = rng.permutation(n)  # the metric must sort by pCTR, not trust the input order
+    click = (rng.uniform(size=n) < pctr).astype(int)
+    arrays = {
+        "click": click[shuffle],
+        "conversion": np.zeros(n, dtype=int),
+        "pctr": pctr[shuffle],
+        "pcvr": pcvr[shuffle],
+        "pctcvr": (pctr * pcvr)[shuffle],
+        # the oracle pCTR ranks the impressions in reverse: the deciles must not use it
+        "oracle_pctr": pctr[::-1][shuffle],
+        "oracle_pcvr": oracle_pcvr[shuffle],
+    }
+    metrics = evaluate_predictions(arrays)
+    for k in range(1, 11):
+        assert metrics[f"cvr_ieb_ctr_decile_{k}"] == pytest.approx(float(k)), k
+    assert f"cvr_ieb_ctr_decile_{11}" not in metrics
+
+
+def test_ieb_deciles_stay_equal_count_when_pctr_is_tied() -> None:
+    from esmm.metrics import estimation_bias_by_quantile
+
+    predicted = np.arange(1, 21, dtype=float) / 100  # 20 impressions, all with the same pCTR
+    ratios = estimation_bias_by_quantile(predicted, np.full(20, 0.01), by=np.full(20, 0.5))
+    # ties are split in input order: decile k holds impressions 2k-1 and 2k
+    np.testing.assert_allclose(ratios, [(2 * k - 1 + 2 * k) / 2 for k in range(1, 11)])
+
+
+def test_ieb_metrics_need_the_oracle_pcvr() -> None:
+    arrays = ieb_arrays()
+    del arrays["oracle_pcvr"]
+    metrics = evaluate_predictions(arrays)
+    assert not any(name.startswith("cvr_ieb_ctr") for name in metrics)
+    assert "cvr_ieb" not in metrics and "cvr_ieb_clicked" not in metrics
