@@ -72,11 +72,11 @@ def compute_only_samples_per_s(
     generator = torch.Generator()
     batches = in_memory_batches(fields, rows, batch_size)
     for batch in batches[:5]:  # warm-up: allocator, optimizer state
-        train_step(model, optimizers, batch, cfg, generator, hvd)
+        train_step(model, optimizers, batch, cfg, generator)
     started = time.perf_counter()
     samples = 0
     for batch in batches:
-        train_step(model, optimizers, batch, cfg, generator, hvd)
+        train_step(model, optimizers, batch, cfg, generator)
         samples += int(batch["click"].shape[0])
     return samples / (time.perf_counter() - started)
 

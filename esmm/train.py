@@ -264,19 +264,12 @@ def main(argv: list[str] | None = None) -> int:
             running_loss, steps, samples, started = None, 0, 0, time.monotonic()
             seed = cfg.seed + 7919 * epoch + rank
             with train_batches(train_urls, fields, cfg.data, rank, size, seed) as batches:
-                for batch in _until_any_rank_is_done(batches, hvd, cfg.max_steps_per_epoch, device):
+                lockstep = LockStep(hvd, device)
+                for batch in lockstep.batches(batches, cfg.max_steps_per_epoch):
                     if example_batch is None:
                         example_batch = {k: v[:3].cpu().numpy() for k, v in batch.items()}
-                    loss, parts, finite = train_step(
-                        model, optimizers, batch, cfg, loss_generator, hvd
-                    )
-                    if not finite:
-                        raise TrainingError(
-                            f"non-finite loss at epoch {epoch + 1}, step {steps + 1} "
-                            f"(this rank: {loss:.4g}; parts: "
-                            + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                            + "). Lower optim.lr or check the input."
-                        )
+                    loss, parts = train_step(model, optimizers, batch, cfg, loss_generator)
+                    lockstep.check(loss, parts, f"epoch {epoch + 1}, step {steps + 1}")
                     steps += 1
                     samples += int(batch["click"].shape[0])
                     running_loss = (
@@ -371,14 +364,16 @@ def train_step(
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     generator: torch.Generator,
-    hvd,
-) -> tuple[float, dict[str, float], bool]:
-    """One optimisation step: forward, the variant's loss, backward, allreduce, update.
+) -> tuple[float, dict[str, float]]:
+    """One optimisation step: forward, the variant's loss, backward (gradients allreduced by
+    the DistributedOptimizer hooks), update.
+
+    Every rank always takes the step, even when its loss is not finite: skipping the backward
+    pass would leave the other ranks waiting for this rank's gradients. The caller checks the
+    returned loss (:class:`LockStep`) and stops every rank together.
 
     Returns:
-        This rank's loss, its parts, and whether the loss was finite on EVERY rank. When it
-        was not, no update is applied: every rank learns it from the same allreduce, so all
-        stop together with one clear error instead of hanging in the next allreduce.
+        This rank's loss and its parts, as floats.
     """
     outputs = model(batch)
     loss, parts = compute_loss(
@@ -389,34 +384,59 @@ def train_step(
         cfg.model.variant,
         generator=generator,
     )
-    finite = hvd.allreduce(torch.isfinite(loss.detach()).float().cpu(), op=hvd.Min, name="finite")
-    values = {name: float(part) for name, part in parts.items()}
-    if finite.item() < 1:
-        return float(loss.detach()), values, False
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
     for optimizer in optimizers:
         optimizer.step()
-    return float(loss.detach()), values, True
+    return float(loss.detach()), {name: float(part) for name, part in parts.items()}
 
 
-def _until_any_rank_is_done(batches, hvd, max_steps: int | None, device: torch.device):
-    """Yield batches while EVERY rank still has one (and max_steps is not reached).
+class LockStep:
+    """Keeps the ranks of an epoch in step, with ONE tiny allreduce per training step.
 
-    Shards hold whole row groups, so their sizes differ; without this a rank that ran out
-    would leave the others waiting forever in the gradient allreduce. One tiny allreduce per
-    step (min over ranks of "I have a batch") keeps them in lock step.
+    Shards hold whole row groups, so their sizes differ: without this, a rank that ran out of
+    rows would leave the others waiting forever in the gradient allreduce. Before each step
+    the ranks allreduce (min) two flags: "I have a batch" and "my previous loss was finite".
+    The epoch ends for all when any rank is out of data; training stops on all, with one
+    error, when any rank's loss was NaN/inf. A single process skips the allreduce.
     """
-    steps = 0
-    iterator = iter(batches)
-    while max_steps is None or steps < max_steps:
-        batch = next(iterator, None)
-        have = torch.tensor([0.0 if batch is None else 1.0])
-        if hvd.allreduce(have, op=hvd.Min, name="have_batch").item() < 1:
-            return
-        steps += 1
-        yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+    def __init__(self, hvd, device: torch.device):
+        self.hvd = hvd
+        self.device = device
+        self.finite = True
+        self.problem = ""
+
+    def check(self, loss: float, parts: dict[str, float], where: str) -> None:
+        """Record this rank's loss of the step just taken."""
+        if not math.isfinite(loss):
+            self.finite = False
+            self.problem = (
+                f"non-finite loss at {where} (loss {loss:.4g}; "
+                + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                + "). Lower optim.lr or check the input."
+            )
+
+    def batches(self, batches, max_steps: int | None):
+        """Yield batches (on the device) while every rank has one and max_steps is not hit."""
+        steps = 0
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None) if max_steps is None or steps < max_steps else None
+            have, finite = batch is not None, self.finite
+            if self.hvd.size() > 1:
+                flags = torch.tensor([float(have), float(finite)])
+                flags = self.hvd.allreduce(flags, op=self.hvd.Min, name="lockstep")
+                have, finite = bool(flags[0] > 0), bool(flags[1] > 0)
+            if not finite:
+                raise TrainingError(self.problem or "non-finite loss on another rank")
+            if not have:
+                return
+            steps += 1
+            yield {
+                name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()
+            }
 
 
 @torch.no_grad()

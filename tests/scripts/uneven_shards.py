@@ -11,7 +11,7 @@ import torch
 
 from esmm.config import FieldsConfig, load_config
 from esmm.data import DataConfig, partition_urls, train_batches
-from esmm.train import _until_any_rank_is_done
+from esmm.train import LockStep
 
 hvd.init()
 features, fields_path = sys.argv[1], sys.argv[2]
@@ -20,7 +20,7 @@ urls = partition_urls(features, ["2026-02-01"])
 cfg = DataConfig(batch_size=100, shuffle_queue_rows=0, reader_workers=1)
 steps = 0
 with train_batches(urls, fields, cfg, hvd.rank(), hvd.size(), seed=1) as batches:
-    for _batch in _until_any_rank_is_done(batches, hvd, None, torch.device("cpu")):
+    for _batch in LockStep(hvd, torch.device("cpu")).batches(batches, None):
         hvd.allreduce(torch.ones(1), name="fake_gradient")  # what each training step does
         steps += 1
 print(f"rank={hvd.rank()} steps={steps}")
