@@ -1,0 +1,92 @@
+"""Feature-job throughput against a bare Spark read+write of the same day.
+
+Simulates one day (``--impressions``, default 2M, ``demo`` preset otherwise), then times
+(a) a bare read of the impressions JSON with a fixed schema + Parquet write — the floor any
+job over this data pays — and (b) the full feature job for that day (parse, quarantine,
+dedup, attribution joins, profile joins, hashing, stats, atomic write). Prints impressions/s
+for both and the ratio full/bare (goal: ≤ 3×). Ratios, not seconds: these machines are noisy.
+
+    PYTHONPATH=. .venv/bin/python bench/features.py --impressions 2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from esmm.config import FieldsConfig, load_config  # noqa: E402
+from features.config import FeaturesConfig, SimulatorConfig  # noqa: E402
+from features.pipeline import build_day  # noqa: E402
+from features.raw import IMPRESSION_SCHEMA  # noqa: E402
+from features.simulator import simulate  # noqa: E402
+from features.spark import get_spark  # noqa: E402
+
+DAY = dt.date(2024, 1, 1)
+
+
+def main() -> int:
+    """Simulate, time the bare baseline and the full job, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impressions", type=int, default=2_000_000, help="impressions in the day")
+    parser.add_argument("--preset", default="demo", help="simulator preset for everything else")
+    parser.add_argument("--master", default="local[2]", help="Spark master (default local[2])")
+    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-features-"))
+    raw, out = work / "raw", work / "features"
+    spark = get_spark("bench-features", master=args.master, shuffle_partitions=8)
+    preset = load_config(
+        ROOT / "conf/simulator.yaml",
+        SimulatorConfig,
+        [f"presets.{args.preset}.impressions_per_day={args.impressions}"],
+    ).preset(args.preset)
+    began = time.perf_counter()
+    logs = simulate(spark, preset, DAY, 1, seed=0)
+    for name in ("impressions", "clicks", "conversions"):
+        getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(str(raw / name))
+    for name in ("users", "items"):
+        getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(str(raw / name))
+    simulate_s = time.perf_counter() - began
+
+    day = DAY.isoformat()
+    impressions_dir = str(raw / "impressions" / f"dt={day}")
+
+    def bare() -> float:
+        start = time.perf_counter()
+        frame = spark.read.schema(IMPRESSION_SCHEMA).json(impressions_dir)
+        frame.write.mode("overwrite").parquet(str(work / "bare"))
+        return time.perf_counter() - start
+
+    def full() -> tuple[float, int]:
+        start = time.perf_counter()
+        result = build_day(spark, str(raw), str(out), day, config, fields)
+        return time.perf_counter() - start, result.stats["logs"]["impressions"]["input"]
+
+    config = load_config(ROOT / "conf/features.yaml", FeaturesConfig)
+    fields = load_config(ROOT / "conf/fields.yaml", FieldsConfig)
+    bare()  # warm-up: JIT and file cache, so neither side pays it
+    bare_s = bare()
+    full_s, lines = full()
+    rows = [("bare read JSON + write Parquet", bare_s), ("full feature job", full_s)]
+    print(f"\n{lines:,} impression lines (simulated in {simulate_s:.1f}s), master {args.master}")
+    print(f"{'step':34} {'seconds':>8} {'impressions/s':>14}")
+    for name, seconds in rows:
+        print(f"{name:34} {seconds:8.1f} {lines / seconds:14,.0f}")
+    print(f"{'ratio full / bare':34} {full_s / bare_s:8.2f}x   (goal <= 3x)")
+    spark.stop()
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
