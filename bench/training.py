@@ -201,7 +201,8 @@ def main() -> None:
     )
     verdict = "OK" if loop / compute >= 0.9 else "BELOW TARGET"
     print(
-        f"\nPetastorm loop / compute only (1 process) = {loop / compute:.2f}  (target >= 0.90: {verdict})"
+        f"\nPetastorm loop / compute only (1 process) = {loop / compute:.2f}"
+        f"  (target >= 0.90: {verdict})"
     )
 
 
