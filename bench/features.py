@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,15 @@ def main() -> int:
     parser.add_argument("--preset", default="demo", help="simulator preset for everything else")
     parser.add_argument("--master", default="local[2]", help="Spark master (default local[2])")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--driver-memory", default="4g", help="local driver memory (default 4g)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the raw day already in --work-dir"
+    )
     args = parser.parse_args()
+    # The local JVM reads its heap size at launch: the default 1g would make both sides spill.
+    os.environ.setdefault(
+        "PYSPARK_SUBMIT_ARGS", f"--driver-memory {args.driver_memory} pyspark-shell"
+    )
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-features-"))
     raw, out = work / "raw", work / "features"
@@ -50,11 +59,12 @@ def main() -> int:
         [f"presets.{args.preset}.impressions_per_day={args.impressions}"],
     ).preset(args.preset)
     began = time.perf_counter()
-    logs = simulate(spark, preset, DAY, 1, seed=0)
-    for name in ("impressions", "clicks", "conversions"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(str(raw / name))
-    for name in ("users", "items"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(str(raw / name))
+    if not (args.reuse and (raw / "items").is_dir()):
+        logs = simulate(spark, preset, DAY, 1, seed=0)
+        for name in ("impressions", "clicks", "conversions"):
+            getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(str(raw / name))
+        for name in ("users", "items"):
+            getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(str(raw / name))
     simulate_s = time.perf_counter() - began
 
     day = DAY.isoformat()

@@ -1,0 +1,139 @@
+"""Per-day accounting of the feature job: counts per log, label rates, null rates, checks.
+
+The stats file ``<out>/_stats/dt=D.json`` holds, per log, ``input`` (records this build
+owns), ``output``, ``quarantined`` (total and ``quarantined_by`` reason), ``deduplicated``
+(total and ``deduplicated_by`` reason), plus the table's label rates and the share of id 0
+per field. :func:`conservation_problems` is the check the job fails on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from esmm.config import FieldsConfig
+from esmm.schema import CLICK, CONVERSION
+from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED
+
+__all__ = ["conservation_problems", "event_log_counts", "impression_counts", "table_stats"]
+
+
+def _counts(
+    input_rows: int, by_status_reason: list[tuple[str | None, str | None, int]]
+) -> dict[str, Any]:
+    quarantined: Counter[str] = Counter()
+    deduplicated: Counter[str] = Counter()
+    output = unclassified = 0
+    for status, reason, n in by_status_reason:
+        if status == OUTPUT:
+            output += n
+        elif status == QUARANTINED:
+            quarantined[str(reason)] += n
+        elif status == DEDUPLICATED:
+            deduplicated[str(reason)] += n
+        else:
+            unclassified += n
+    return {
+        "input": input_rows,
+        "output": output,
+        "quarantined": sum(quarantined.values()),
+        "quarantined_by": dict(sorted(quarantined.items())),
+        "deduplicated": sum(deduplicated.values()),
+        "deduplicated_by": dict(sorted(deduplicated.items())),
+        "unclassified": unclassified,
+    }
+
+
+def event_log_counts(records: DataFrame) -> dict[str, Any]:
+    """Counts of a click / conversion log from its classified records (owned ones only).
+
+    ``input`` is counted from ``owned`` alone, independently of the statuses, so that a
+    record that lost its status makes the conservation check fail.
+    """
+    rows = records.groupBy("owned", "status", "reason").count().collect()
+    input_rows = sum(r["count"] for r in rows if r["owned"])
+    by_status = [(r["status"], r["reason"], r["count"]) for r in rows if r["owned"]]
+    counts = _counts(input_rows, by_status)
+    counts["read_not_owned"] = sum(r["count"] for r in rows if not r["owned"])
+    return counts
+
+
+def impression_counts(
+    parsed: DataFrame, valid: DataFrame, quarantined: DataFrame
+) -> dict[str, Any]:
+    """Counts of the impressions log: lines read, distinct valid ids, quarantined, merged.
+
+    The table's row count is checked against ``output`` by :func:`conservation_problems`.
+    """
+    input_rows = parsed.count()
+    valid_counts = valid.agg(F.count(F.lit(1)), F.sum(F.col("copies") - 1)).first()
+    output, dedup = valid_counts[0], valid_counts[1] or 0
+    reasons = quarantined.groupBy("reason").count().collect()
+    by_status = [(OUTPUT, None, output), (DEDUPLICATED, "duplicate_event_id", dedup)]
+    by_status += [(QUARANTINED, r["reason"], r["count"]) for r in reasons]
+    return _counts(input_rows, by_status)
+
+
+def table_stats(table: DataFrame, fields: FieldsConfig) -> dict[str, Any]:
+    """Rows, label rates (CTR, CVR, CTCVR) and the share of id 0 per field, in one pass."""
+    aggregates = [
+        F.count(F.lit(1)).alias("rows"),
+        F.sum(CLICK).alias("clicks"),
+        F.sum(CONVERSION).alias("conversions"),
+        F.sum(((F.col(CONVERSION) == 1) & (F.col(CLICK) == 0)).cast("int")).alias(
+            "conversion_without_click"
+        ),
+    ]
+    for spec in fields.fields:
+        if spec.kind == "multi":
+            empty = F.size(F.filter(spec.name, lambda x: x != 0)) == 0
+        else:
+            empty = F.col(spec.name) == 0
+        aggregates.append(F.avg(empty.cast("double")).alias(spec.name))
+    row = table.agg(*aggregates).first().asDict()
+    rows, clicks, conversions = row["rows"], row["clicks"] or 0, row["conversions"] or 0
+    return {
+        "rows": rows,
+        "clicks": clicks,
+        "conversions": conversions,
+        "conversion_without_click": row["conversion_without_click"] or 0,
+        "ctr": clicks / rows if rows else 0.0,
+        "cvr": conversions / clicks if clicks else 0.0,
+        "ctcvr": conversions / rows if rows else 0.0,
+        "null_rate": {spec.name: row[spec.name] or 0.0 for spec in fields.fields},
+    }
+
+
+def conservation_problems(stats: dict[str, Any]) -> list[str]:
+    """Every violated accounting rule of a day's stats, as messages (empty when all hold).
+
+    Rules: per log, input = output + quarantined + deduplicated and nothing unclassified; the
+    table has one row per impression output; one click output per clicked row and one
+    conversion output per converted row; no conversion without a click.
+    """
+    problems = []
+    for log, counts in stats["logs"].items():
+        accounted = counts["output"] + counts["quarantined"] + counts["deduplicated"]
+        if counts["input"] != accounted or counts["unclassified"]:
+            problems.append(
+                f"{log}: input {counts['input']} != output {counts['output']} + quarantined "
+                f"{counts['quarantined']} + deduplicated {counts['deduplicated']} "
+                f"({counts['unclassified']} unclassified)"
+            )
+    table = stats["table"]
+    expected = {
+        "impressions": table["rows"],
+        "clicks": table["clicks"],
+        "conversions": table["conversions"],
+    }
+    for log, rows in expected.items():
+        if stats["logs"][log]["output"] != rows:
+            problems.append(f"{log}: output {stats['logs'][log]['output']} != {rows} in the table")
+    if table["conversion_without_click"]:
+        problems.append(
+            f"{table['conversion_without_click']} rows have a conversion without a click"
+        )
+    return problems

@@ -1,0 +1,453 @@
+"""The feature job's transforms: pure DataFrame → DataFrame functions, no I/O, no Python UDFs.
+
+The steps, in order (see docs/DATA.md for the rules in prose):
+
+1. :func:`classify_impressions` — quarantine malformed / key-less impressions, deduplicate
+   by ``impression_id``.
+2. :func:`impression_days` — which day each known impression id belongs to (day D's and the
+   look-back days'), the basis of record ownership.
+3. :func:`attribute_clicks` / :func:`attribute_conversions` — decide which build owns each
+   click / conversion record, deduplicate by event id, apply the attribution windows and give
+   every owned record a status (``output``, ``deduplicated``, ``quarantined``) and a reason.
+4. :func:`label_impressions` — ``click`` / ``conversion`` labels (conversion ⇒ click).
+5. :func:`hash_profile`, :func:`encode_features` — raw values → hashed integer ids.
+
+**Ownership.** Several days' builds read the same click / conversion folder (late events), so
+each record is owned by exactly one build: the day of the impression it points to (through
+its click, for a conversion) when that day is within ``horizon`` days before the record's
+folder day, else the folder's own day. Every build applies the same rule and only counts the
+records it owns, so a contiguous range of builds accounts for every record exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from functools import reduce
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from esmm.config import FieldsConfig, FieldSpec
+from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
+from features.raw import LOG_KEYS
+
+__all__ = [
+    "DEDUPLICATED",
+    "OUTPUT",
+    "QUARANTINED",
+    "Reason",
+    "attribute_clicks",
+    "attribute_conversions",
+    "classify_impressions",
+    "encode_features",
+    "hash_bag",
+    "hash_id",
+    "hash_profile",
+    "impression_days",
+    "label_impressions",
+]
+
+OUTPUT = "output"
+QUARANTINED = "quarantined"
+DEDUPLICATED = "deduplicated"
+
+
+class Reason:
+    """Reason codes of quarantined and deduplicated records (the ``reason`` column)."""
+
+    MALFORMED = "malformed_line"
+    MISSING_KEY = "missing_key"
+    DUPLICATE_EVENT = "duplicate_event_id"
+    UNKNOWN_IMPRESSION = "unknown_impression"
+    CLICK_BEFORE_IMPRESSION = "click_before_impression"
+    OUTSIDE_WINDOW = "outside_attribution_window"
+    REPEAT_CLICK = "repeat_click_on_impression"
+    UNKNOWN_CLICK = "unknown_click"
+    CLICK_NOT_ATTRIBUTED = "click_not_attributed"
+    CONVERSION_BEFORE_CLICK = "conversion_before_click"
+    REPEAT_CONVERSION = "repeat_conversion_on_impression"
+
+
+def _day_offset(day_col: str | Column, days: int) -> Column:
+    col = F.col(day_col) if isinstance(day_col, str) else day_col
+    return F.date_format(F.date_add(F.to_date(col), days), "yyyy-MM-dd")
+
+
+def _missing_key(log: str) -> Column:
+    return reduce(lambda a, b: a | b, [F.col(k).isNull() for k in LOG_KEYS[log]])
+
+
+def classify_impressions(impressions: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Split parsed impressions into valid (deduplicated) ones and quarantined ones.
+
+    Args:
+        impressions: the output of :func:`features.raw.parse_lines` for one day.
+
+    Returns:
+        ``(valid, quarantined)``: ``valid`` has one row per ``impression_id`` (the copy with
+        the smallest ``(ts, …)`` among repeats, a deterministic choice) and ``copies``, the
+        number of records with that id (``copies - 1`` were deduplicated);
+        ``quarantined`` has ``folder_dt``, ``raw``, ``reason``.
+    """
+    reason = F.when(F.col("malformed"), Reason.MALFORMED).when(
+        _missing_key("impressions"), Reason.MISSING_KEY
+    )
+    tagged = impressions.withColumn("reason", reason)
+    quarantined = tagged.where(F.col("reason").isNotNull()).select("folder_dt", "raw", "reason")
+    payload = [
+        c for c in impressions.columns if c not in ("folder_dt", "raw", "malformed", IMPRESSION_ID)
+    ]
+    # A hash aggregate with partial aggregation is cheaper than a window sort over all rows.
+    valid = (
+        tagged.where(F.col("reason").isNull())
+        .groupBy(IMPRESSION_ID)
+        .agg(F.min(F.struct(*payload)).alias("_first"), F.count(F.lit(1)).alias("copies"))
+        .select(IMPRESSION_ID, "_first.*", "copies")
+    )
+    return valid, quarantined
+
+
+def impression_days(today: DataFrame, day: str, lookback: DataFrame | None) -> DataFrame:
+    """Which day each known impression id belongs to.
+
+    Args:
+        today: day ``day``'s valid impressions (``impression_id``).
+        day: the build's day, ``YYYY-MM-DD``.
+        lookback: parsed impressions of the look-back days (``impression_id``, ``ts``,
+            ``malformed``, ``folder_dt``) or None.
+
+    Returns:
+        ``impression_id``, ``imp_day`` — the earliest known day when an id repeats across days.
+    """
+    days = today.select(IMPRESSION_ID, F.lit(day).alias("imp_day"))
+    if lookback is None:
+        return days  # ``today`` is already one row per id: no shuffle needed
+    earlier = lookback.where(~F.col("malformed") & ~_missing_key("impressions")).select(
+        IMPRESSION_ID, F.col("folder_dt").alias("imp_day")
+    )
+    return days.unionByName(earlier).groupBy(IMPRESSION_ID).agg(F.min("imp_day").alias("imp_day"))
+
+
+def _owner(parent_day: str, horizon: int) -> Column:
+    """The day whose build owns a record (see the module docstring)."""
+    in_reach = (
+        F.col(parent_day).isNotNull()
+        & (F.col(parent_day) >= _day_offset("folder_dt", -horizon))
+        & (F.col(parent_day) <= F.col("folder_dt"))
+    )
+    return F.when(in_reach, F.col(parent_day)).otherwise(F.col("folder_dt"))
+
+
+def _first_per(key: str, among: str, order: list[str]) -> Column:
+    """Rank of a row among the rows with the same ``key`` where the flag ``among`` holds."""
+    return F.row_number().over(Window.partitionBy(among, key).orderBy(*order))
+
+
+def attribute_clicks(
+    clicks: DataFrame,
+    days_of_impressions: DataFrame,
+    impressions_today: DataFrame,
+    day: str,
+    horizon: int,
+    click_window_s: int,
+) -> DataFrame:
+    """Give every click record its owner, status and reason for the build of ``day``.
+
+    Args:
+        clicks: parsed click records of folders ``day - horizon .. day + horizon``.
+        days_of_impressions: output of :func:`impression_days`.
+        impressions_today: ``impression_id``, ``ts`` of the day's valid impressions.
+        day: the build's day.
+        horizon: look-ahead / look-back in days (``AttributionConfig.horizon_days``).
+        click_window_s: a click counts only this many seconds after its impression.
+
+    Returns:
+        The click records with ``imp_day``, ``owned`` (this build counts the record),
+        ``status`` and ``reason`` (null for not-owned records), ``attributed`` (a click in
+        the window: the first per impression is ``output``, the others
+        ``deduplicated`` as ``repeat_click_on_impression``; conversions may use any of them).
+    """
+    invalid = F.col("malformed") | _missing_key("clicks")
+    # Clicks are few, impressions many: cut the impression side down to the ids some click
+    # points to with a broadcast semi-join (no shuffle of the day), then join that small set.
+    referenced = F.broadcast(
+        clicks.select(IMPRESSION_ID).where(F.col(IMPRESSION_ID).isNotNull()).distinct()
+    )
+    clicked_days = days_of_impressions.join(referenced, IMPRESSION_ID, "left_semi")
+    joined = clicks.join(clicked_days, IMPRESSION_ID, "left").withColumn("_invalid", invalid)
+    joined = joined.withColumn(
+        "owned",
+        F.when(F.col("_invalid"), F.col("folder_dt") == day).otherwise(
+            _owner("imp_day", horizon) == day
+        ),
+    )
+    joined = joined.withColumn("_owned_valid", F.col("owned") & ~F.col("_invalid"))
+    rank = F.when(
+        F.col("_owned_valid"), _first_per("click_id", "_owned_valid", ["ts", "folder_dt", "raw"])
+    )
+    joined = joined.withColumn("_copy", rank)
+    today = impressions_today.select(IMPRESSION_ID, F.col("ts").alias("imp_ts")).join(
+        referenced, IMPRESSION_ID, "left_semi"
+    )
+    joined = joined.join(today, IMPRESSION_ID, "left")
+    delay = F.col("ts") - F.col("imp_ts")
+    via_impression = F.col("imp_day") == day
+    reason = (
+        F.when(~F.col("owned"), F.lit(None))
+        .when(F.col("malformed"), Reason.MALFORMED)
+        .when(F.col("_invalid"), Reason.MISSING_KEY)
+        .when(F.col("_copy") > 1, Reason.DUPLICATE_EVENT)
+        .when(
+            ~F.coalesce(via_impression, F.lit(False)) | F.col("imp_ts").isNull(),
+            Reason.UNKNOWN_IMPRESSION,
+        )
+        .when(delay < 0, Reason.CLICK_BEFORE_IMPRESSION)
+        .when(delay > click_window_s, Reason.OUTSIDE_WINDOW)
+    )
+    joined = joined.withColumn("reason", reason).withColumn(
+        "attributed", F.col("owned") & F.col("reason").isNull()
+    )
+    repeat = F.when(
+        F.col("attributed"), _first_per(IMPRESSION_ID, "attributed", ["ts", "click_id"])
+    )
+    joined = joined.withColumn("_nth_click", repeat)
+    status = (
+        F.when(~F.col("owned"), F.lit(None))
+        .when(F.col("reason") == Reason.DUPLICATE_EVENT, DEDUPLICATED)
+        .when(F.col("reason").isNotNull(), QUARANTINED)
+        .when(F.col("_nth_click") > 1, DEDUPLICATED)
+        .otherwise(OUTPUT)
+    )
+    return joined.select(
+        "folder_dt",
+        "raw",
+        "click_id",
+        IMPRESSION_ID,
+        "ts",
+        "imp_day",
+        "owned",
+        status.alias("status"),
+        F.when(F.col("_nth_click") > 1, Reason.REPEAT_CLICK)
+        .otherwise(F.col("reason"))
+        .alias("reason"),
+        F.coalesce(F.col("attributed"), F.lit(False)).alias("attributed"),
+        "malformed",
+    )
+
+
+def attribute_conversions(
+    conversions: DataFrame,
+    clicks: DataFrame,
+    day: str,
+    horizon: int,
+    conversion_window_s: int,
+) -> DataFrame:
+    """Give every conversion record its owner, status and reason for the build of ``day``.
+
+    A conversion's parent day is the impression day of its click, taken from the click
+    records that are themselves owned through their impression; its click must be
+    ``attributed`` by this build for the conversion to count.
+
+    Args:
+        conversions: parsed conversion records of folders ``day .. day + horizon``.
+        clicks: the output of :func:`attribute_clicks` (all click records this build read).
+        day: the build's day.
+        horizon: as in :func:`attribute_clicks`.
+        conversion_window_s: a conversion counts only this long after its click.
+
+    Returns:
+        The conversion records with ``owned``, ``status``, ``reason`` and the
+        ``impression_id`` of their attributed click (null when there is none).
+    """
+    valid_clicks = clicks.where(~F.col("malformed") & F.col("click_id").isNotNull())
+    click_days = (
+        valid_clicks.where(F.col("imp_day").isNotNull())
+        .where(_owner("imp_day", horizon) == F.col("imp_day"))
+        .groupBy("click_id")
+        .agg(F.min("imp_day").alias("click_day"))
+    )
+    known_clicks = valid_clicks.select("click_id").distinct().withColumn("_known", F.lit(True))
+    attributed = clicks.where("attributed").select(
+        "click_id", IMPRESSION_ID, F.col("ts").alias("click_ts")
+    )
+    invalid = F.col("malformed") | _missing_key("conversions")
+    joined = (
+        conversions.join(click_days, "click_id", "left")
+        .join(known_clicks, "click_id", "left")
+        .join(attributed, "click_id", "left")
+        .withColumn("_invalid", invalid)
+    )
+    joined = joined.withColumn(
+        "owned",
+        F.when(F.col("_invalid"), F.col("folder_dt") == day).otherwise(
+            _owner("click_day", horizon) == day
+        ),
+    )
+    joined = joined.withColumn("_owned_valid", F.col("owned") & ~F.col("_invalid"))
+    rank = _first_per("conversion_id", "_owned_valid", ["ts", "folder_dt", "raw"])
+    joined = joined.withColumn("_copy", F.when(F.col("_owned_valid"), rank))
+    via_click = F.coalesce(F.col("click_day") == day, F.lit(False))
+    delay = F.col("ts") - F.col("click_ts")
+    reason = (
+        F.when(~F.col("owned"), F.lit(None))
+        .when(F.col("malformed"), Reason.MALFORMED)
+        .when(F.col("_invalid"), Reason.MISSING_KEY)
+        .when(F.col("_copy") > 1, Reason.DUPLICATE_EVENT)
+        .when(~via_click & F.col("_known").isNull(), Reason.UNKNOWN_CLICK)
+        .when(F.col("click_ts").isNull(), Reason.CLICK_NOT_ATTRIBUTED)
+        .when(delay < 0, Reason.CONVERSION_BEFORE_CLICK)
+        .when(delay > conversion_window_s, Reason.OUTSIDE_WINDOW)
+    )
+    joined = joined.withColumn("reason", reason).withColumn(
+        "_attributed", F.col("owned") & F.col("reason").isNull()
+    )
+    joined = joined.withColumn(
+        "_nth",
+        F.when(
+            F.col("_attributed"), _first_per(IMPRESSION_ID, "_attributed", ["ts", "conversion_id"])
+        ),
+    )
+    status = (
+        F.when(~F.col("owned"), F.lit(None))
+        .when(F.col("reason") == Reason.DUPLICATE_EVENT, DEDUPLICATED)
+        .when(F.col("reason").isNotNull(), QUARANTINED)
+        .when(F.col("_nth") > 1, DEDUPLICATED)
+        .otherwise(OUTPUT)
+    )
+    return joined.select(
+        "folder_dt",
+        "raw",
+        "conversion_id",
+        "click_id",
+        "ts",
+        F.when(F.col("_attributed"), F.col(IMPRESSION_ID)).alias(IMPRESSION_ID),
+        "owned",
+        status.alias("status"),
+        F.when(F.col("_nth") > 1, Reason.REPEAT_CONVERSION)
+        .otherwise(F.col("reason"))
+        .alias("reason"),
+    )
+
+
+def label_impressions(
+    impressions: DataFrame, clicks: DataFrame, conversions: DataFrame
+) -> DataFrame:
+    """Add the ``click`` and ``conversion`` labels (int 0/1) to the day's valid impressions.
+
+    ``click`` is 1 when an ``output`` click points to the impression (at most one does);
+    ``conversion`` when an ``output`` conversion does, and never without a click.
+    """
+    clicked = clicks.where(F.col("status") == OUTPUT).select(IMPRESSION_ID, F.lit(1).alias("_c"))
+    converted = conversions.where(F.col("status") == OUTPUT).select(
+        IMPRESSION_ID, F.lit(1).alias("_v")
+    )
+    labelled = impressions.join(F.broadcast(clicked), IMPRESSION_ID, "left").join(
+        F.broadcast(converted), IMPRESSION_ID, "left"
+    )
+    click = F.coalesce(F.col("_c"), F.lit(0)).cast("int")
+    return (
+        labelled.withColumn(CLICK, click)
+        .withColumn(CONVERSION, (F.coalesce(F.col("_v"), F.lit(0)) * click).cast("int"))
+        .drop("_c", "_v")
+    )
+
+
+def hash_id(value: Column, field: str, num_buckets: int) -> Column:
+    """A raw value → an id in ``1 .. num_buckets - 1``; null → 0 (missing).
+
+    ``1 + pmod(xxhash64(field, string(value)), num_buckets - 1)``: hashing needs no vocabulary
+    to build, ship or version, gives the same id on every day and on the training and
+    serving sides, and maps never-seen values without a refit; ``num_buckets`` bounds the
+    collisions. The field name is hashed in so that equal raw values of two fields differ.
+    """
+    hashed = F.lit(1) + F.pmod(
+        F.xxhash64(F.lit(field), value.cast("string")), F.lit(num_buckets - 1)
+    )
+    return F.when(value.isNull(), F.lit(0).cast("long")).otherwise(hashed.cast("long"))
+
+
+def hash_bag(values: Column, field: str, num_buckets: int, max_len: int) -> Column:
+    """A bag of raw values → exactly ``max_len`` ids: hashed, truncated, padded with 0.
+
+    A null bag gives ``max_len`` zeros; a null element gives id 0.
+    """
+    ids = F.transform(F.slice(values, 1, max_len), lambda v: hash_id(v, field, num_buckets))
+    ids = F.coalesce(ids, F.array().cast("array<bigint>"))
+    padding = F.array_repeat(F.lit(0).cast("long"), F.lit(max_len) - F.size(ids))
+    return F.concat(ids, padding)
+
+
+def _encode(spec: FieldSpec, value: Column) -> Column:
+    if spec.kind == "multi":
+        return hash_bag(value, spec.name, spec.num_buckets, spec.max_len or 1)
+    return hash_id(value, spec.name, spec.num_buckets)
+
+
+def _source(spec: FieldSpec) -> tuple[str, str]:
+    log, _, column = spec.source.partition(".")
+    return log, column
+
+
+def hash_profile(profile: DataFrame, log: str, key: str, fields: FieldsConfig) -> DataFrame:
+    """A profile snapshot → one row per key with the hashed ids of its fields.
+
+    Returns:
+        ``_key_<log>`` (the raw key) and one column per field sourced from ``log``. Repeated
+        keys keep the smallest row of ids (a deterministic choice).
+    """
+    specs = [s for s in fields.fields if _source(s)[0] == log]
+    hashed = profile.select(
+        F.col(key).alias(f"_key_{log}"),
+        *[_encode(s, F.col(_source(s)[1])).alias(s.name) for s in specs],
+    )
+    if not specs:
+        return hashed.distinct()
+    return (
+        hashed.where(F.col(f"_key_{log}").isNotNull())
+        .groupBy(f"_key_{log}")
+        .agg(F.min(F.struct(*[s.name for s in specs])).alias("_ids"))
+        .select(f"_key_{log}", "_ids.*")
+    )
+
+
+def encode_features(
+    impressions: DataFrame,
+    profiles: dict[str, tuple[DataFrame, str]],
+    fields: FieldsConfig,
+) -> DataFrame:
+    """Labelled impressions → the feature table (the schema of :mod:`esmm.schema`).
+
+    Args:
+        impressions: valid, labelled impressions (raw impression columns, ``click``,
+            ``conversion``).
+        profiles: ``{log: (hashed profile from hash_profile, impression column to join on)}``.
+        fields: the field list.
+
+    Returns:
+        ``impression_id``, ``click``, ``conversion`` and one id column per field, in order.
+        A user or item absent from its snapshot gets id 0 in all of that profile's fields.
+    """
+    own = [s for s in fields.fields if _source(s)[0] == "impressions"]
+    table = impressions.select(
+        IMPRESSION_ID,
+        CLICK,
+        CONVERSION,
+        *[F.col(profile_key).alias(f"_join_{log}") for log, (_, profile_key) in profiles.items()],
+        *[_encode(s, F.col(_source(s)[1])).alias(s.name) for s in own],
+    )
+    for log, (hashed, _) in profiles.items():
+        table = table.join(hashed, F.col(f"_join_{log}") == F.col(f"_key_{log}"), "left")
+    columns = []
+    for spec in fields.fields:
+        if spec.kind == "multi":
+            zeros = F.array_repeat(F.lit(0).cast("long"), spec.max_len or 1)
+            columns.append(F.coalesce(F.col(spec.name), zeros).alias(spec.name))
+        else:
+            columns.append(F.coalesce(F.col(spec.name), F.lit(0).cast("long")).alias(spec.name))
+    return table.select(IMPRESSION_ID, CLICK, CONVERSION, *columns)
+
+
+def days_around(day: str, before: int, after: int) -> list[str]:
+    """``day - before .. day + after`` as ``YYYY-MM-DD`` strings."""
+    start = dt.date.fromisoformat(day)
+    return [(start + dt.timedelta(days=o)).isoformat() for o in range(-before, after + 1)]
