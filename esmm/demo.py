@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
+    # Spark's start-up INFO lines drown the jobs' summaries; conf/spark holds a quieter log4j2.
+    env.setdefault("SPARK_CONF_DIR", str(PROJECT_ROOT / "conf" / "spark"))
     tracking_uri = args.tracking_uri or f"sqlite:///{store}"
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     spark_submit = [

@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     unit_scale=True,
                     dynamic_ncols=True,
                     file=sys.stderr,
+                    # under horovodrun stderr is a pipe: fewer, coarser updates keep logs short
+                    mininterval=0.1 if sys.stderr.isatty() else 5.0,
                 )
             running_loss, steps, samples, started = None, 0, 0, time.monotonic()
             seed = cfg.seed + 7919 * epoch + rank
