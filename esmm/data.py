@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
@@ -67,12 +69,16 @@ class DataConfig(StrictModel):
         reader_workers: Petastorm reader threads per rank. One keeps up with a CPU trainer
             with room to spare; more threads compete with the training step for the GIL
             (measured slower on 2 cores); raise it on GPU hosts with cores to spare.
+        prefetch_batches: batches assembled ahead by a background thread (0 = assemble in
+            the training loop). Petastorm's loader collates and shuffles in the thread that
+            iterates it; doing that while the step runs hides it behind the model's compute.
     """
 
     batch_size: int = Field(default=1024, ge=1)
     eval_batch_size: int = Field(default=8192, ge=1)
     shuffle_queue_rows: int = Field(default=20_000, ge=0)
     reader_workers: int = Field(default=1, ge=1)
+    prefetch_batches: int = Field(default=4, ge=0)
 
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -248,7 +254,70 @@ def train_batches(
         reader, batch_size=cfg.batch_size, shuffling_queue_capacity=cfg.shuffle_queue_rows
     )
     with loader:
-        yield (_to_tensors(batch, fields) for batch in loader)
+        batches = (_to_tensors(batch, fields) for batch in loader)
+        if cfg.prefetch_batches:
+            with _Prefetcher(batches, cfg.prefetch_batches) as prefetched:
+                yield prefetched
+        else:
+            yield batches
+
+
+class _Prefetcher:
+    """Iterate ``source`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Exceptions of the source are re-raised in the consumer; leaving the ``with`` block early
+    (an error in the training step, a rank that stops first) stops the thread and drains the
+    queue so it never blocks forever on a full queue.
+    """
+
+    _DONE = object()
+
+    def __init__(self, source: Iterator, depth: int):
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="esmm-prefetch", daemon=True)
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the consumer and re-raised there
+            self._put(exc)
+
+    def __enter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._thread.start()
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(self._DONE)  # later next() calls keep answering "done"
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.1)
 
 
 def eval_batches(

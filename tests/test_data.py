@@ -109,3 +109,27 @@ def test_uneven_shards_end_the_epoch_together_on_every_rank(tmp_path, run_horovo
     steps = {r: re.search(r"rank=\d+ steps=(\d+)", result.rank_text(r)).group(1) for r in (0, 1)}
     assert steps[0] == steps[1]
     assert int(steps[0]) == 1  # the short shard has one batch of 50 rows
+
+
+def test_prefetcher_yields_everything_in_order_and_reraises_source_errors():
+    from esmm.data import _Prefetcher
+
+    with _Prefetcher(iter(range(100)), depth=3) as items:
+        assert list(items) == list(range(100))
+
+    def broken():
+        yield 1
+        raise ValueError("bad row group")
+
+    with _Prefetcher(broken(), depth=2) as items, pytest.raises(ValueError, match="bad row"):
+        list(items)
+
+
+def test_prefetcher_stops_its_thread_when_the_consumer_leaves_early():
+    import threading
+
+    from esmm.data import _Prefetcher
+
+    with _Prefetcher(iter(range(10_000)), depth=2) as items:
+        assert next(items) == 0
+    assert not any(t.name == "esmm-prefetch" and t.is_alive() for t in threading.enumerate())
