@@ -24,6 +24,8 @@ from tests.helpers import HorovodResult, run_horovodrun, start_mlflow_server  # 
 
 # Spark and torch each default to all cores; on 2-core CI, keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Spark's Python workers (pandas UDFs, mlflow's spark_udf) must run the project's interpreter.
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
 @pytest.fixture(scope="session")

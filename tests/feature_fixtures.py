@@ -90,3 +90,37 @@ def write_feature_day(
             oracle_dir / "part-0.parquet",
         )
     return out
+
+
+def register_untrained_model(
+    tracking_uri: str, name: str, fields: FieldsConfig, seed: int = 0, eval_date: str = "x"
+) -> str:
+    """Log and register an (untrained) ESMM pyfunc the way the trainer does; its version."""
+    import mlflow
+    import torch
+
+    from esmm.model import build_model
+    from esmm.tracking import RunTracker, TrackingConfig
+    from esmm.train import TrainConfig
+
+    tracking = TrackingConfig(
+        tracking_uri=tracking_uri, experiment="scoring-tests", registered_model_name=name
+    )
+    cfg = TrainConfig(tracking=tracking)
+    torch.manual_seed(seed)
+    model = build_model(fields, cfg.model)
+    rng = np.random.default_rng(seed)
+    example = {}
+    for spec in fields.fields:
+        shape = (3,) if spec.kind == "single" else (3, spec.max_len)
+        example[spec.name] = rng.integers(1, spec.num_buckets, shape)
+    arrays = {
+        "click": np.array([1.0, 0.0, 1.0, 0.0]),
+        "conversion": np.array([1.0, 0.0, 0.0, 0.0]),
+        **{k: np.array([0.4, 0.3, 0.2, 0.1]) for k in ("pctr", "pcvr", "pctcvr")},
+    }
+    mlflow.set_tracking_uri(tracking_uri)
+    tracker = RunTracker.open(tracking, run_name=f"{name}-{seed}")
+    return tracker.log_model_and_finish(
+        model, cfg, fields, {}, arrays, example, train_dates="x", eval_date=eval_date
+    )

@@ -1,0 +1,214 @@
+"""The daily Airflow DAG: it imports cleanly in the Airflow environment, has the expected
+shape, and two consecutive days run for real (``airflow dags test``) on simulated logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.feature_fixtures import small_fields
+from tests.helpers import PROJECT_ROOT, VENV_BIN, run_command
+
+AIRFLOW_BIN = PROJECT_ROOT / ".airflow-venv" / "bin"
+needs_airflow = pytest.mark.skipif(
+    not (AIRFLOW_BIN / "airflow").exists(), reason="make airflow-venv has not run"
+)
+
+EXPECTED_EDGES = {
+    "plan_day": {"wait_for_raw_logs", "plan_training"},
+    "wait_for_raw_logs": {"build_features"},
+    "build_features": {"plan_training"},
+    "plan_training": {"train"},
+    "train": {"promote"},
+    "promote": {"score"},
+    "score": set(),
+}
+
+
+def airflow_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A throw-away Airflow installation (SQLite in ``home``) that sees only our DAG folder."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AIRFLOW", "VIRTUAL_ENV", "PYTHONPATH"))
+    }
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "airflow_dags"),
+            "PATH": f"{AIRFLOW_BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+@needs_airflow
+def test_dag_imports_with_the_expected_tasks_and_dependencies(tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from airflow.dag_processing.dagbag import DagBag
+        bag = DagBag(dag_folder=sys.argv[1])
+        dag = bag.dags.get("esmm_daily")
+        print(json.dumps({
+            "errors": {k: str(v) for k, v in bag.import_errors.items()},
+            "edges": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks} if dag else {},
+            "params": sorted(dag.params.keys()) if dag else [],
+            "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+            "timeouts": {t.task_id: bool(t.execution_timeout) for t in dag.tasks} if dag else {},
+            "catchup": dag.catchup if dag else None,
+            "schedule": str(dag.schedule) if dag else None,
+        }))
+        """
+    )
+    result = subprocess.run(
+        [str(AIRFLOW_BIN / "python"), "-c", script, str(PROJECT_ROOT / "airflow_dags")],
+        env=airflow_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["errors"] == {}
+    assert {k: set(v) for k, v in report["edges"].items()} == EXPECTED_EDGES
+    shipped = yaml.safe_load((PROJECT_ROOT / "conf" / "pipeline.yaml").read_text())["dag"]
+    for key in ("raw_root", "features_root", "train_window_days", "np", "predictions_root"):
+        assert key in report["params"], key
+    assert report["catchup"] == shipped["catchup"]
+    assert report["schedule"] == shipped["schedule"]
+    assert all(r == shipped["retries"] for r in report["retries"].values())
+    assert all(report["timeouts"].values())
+
+
+@needs_airflow
+@pytest.mark.integration
+@pytest.mark.timeout(1800)  # about 6 min on an idle 2-core machine; far more when it is shared
+def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
+    import mlflow
+
+    raw, work = tmp_path / "raw", tmp_path / "work"
+    result = run_command(
+        [
+            str(VENV_BIN / "spark-submit"),
+            "--master",
+            "local[2]",
+            "jobs/generate_logs.py",
+            "--preset",
+            "tiny",
+            "--start-date",
+            "2026-01-02",
+            "--days",
+            "4",
+            "--out",
+            str(raw),
+            "--seed",
+            "5",
+        ],
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    fields_file = tmp_path / "fields.yaml"
+    fields_file.write_text(yaml.safe_dump(small_fields().model_dump(mode="json")))
+    # Parse-time settings for a test: poke the (already complete) raw folders, no retries.
+    config = yaml.safe_load((PROJECT_ROOT / "conf" / "pipeline.yaml").read_text())
+    config["dag"].update(
+        sensor_mode="poke", sensor_poke_seconds=5, sensor_timeout_seconds=60, retries=0
+    )
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = airflow_env(
+        tmp_path / "airflow",
+        {
+            "ESMM_PIPELINE_CONFIG": str(config_file),
+            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
+        },
+    )
+    migrate = subprocess.run(
+        [str(AIRFLOW_BIN / "airflow"), "db", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    params = {
+        "raw_root": str(raw),
+        "features_root": str(work / "features"),
+        "predictions_root": str(work / "predictions"),
+        "checkpoint_root": str(work / "checkpoints"),
+        "oracle_root": str(raw / "oracle"),
+        "fields_config": str(fields_file),
+        "tracking_uri": mlflow_server,
+        "registered_model_name": "esmm-dag",
+        "label_delay_days": 1,
+        "train_window_days": 2,
+        "np": 2,
+        "spark_driver_memory": "2g",
+        "train_overrides": ["epochs=1", "data.batch_size=256", "data.shuffle_queue_rows=2000"],
+        # the plumbing is under test, not the quality of a model trained for seconds
+        "promotion_overrides": ["promotion.min_auc=0.0", "promotion.calibration_bounds=[0.01,100]"],
+    }
+
+    def run_day(logical_date: str, **extra) -> None:
+        result = subprocess.run(
+            [
+                str(AIRFLOW_BIN / "airflow"),
+                "dags",
+                "test",
+                "esmm_daily",
+                logical_date,
+                "-c",
+                json.dumps({**params, **extra}),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+        # `dags test` exits 0 even when a task fails; the run's final state says it
+        assert "state=failed" not in output and "Marking task as FAILED" not in output, output[
+            -6000:
+        ]
+
+    # day 1 (logical 2026-01-04 → day 2026-01-03) backfills one day: its 2-day window is
+    # clipped to the one feature day that exists
+    run_day("2026-01-04", rebuild_days=1)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    assert str(client.get_model_version_by_alias("esmm-dag", "champion").version) == "1"
+    first = client.get_model_version("esmm-dag", "1")
+    assert first.tags["decision"] == "promoted"
+    assert first.tags["champion_version_compared"] == "none"
+    assert first.tags["train_dates"] == "2026-01-02"
+
+    run_day("2026-01-05")
+    second = client.get_model_version("esmm-dag", "2")
+    assert second.tags["decision"] in {"promoted", "rejected"}
+    assert second.tags["champion_version_compared"] == "1"
+    assert second.tags["decision_eval_date"] == "2026-01-04"
+    assert second.tags["train_dates"] == "2026-01-02,2026-01-03"  # the sliding window
+    champion = str(client.get_model_version_by_alias("esmm-dag", "champion").version)
+    assert champion == ("2" if second.tags["decision"] == "promoted" else "1")
+
+    import pyarrow.parquet as pq
+
+    for day, version in (("2026-01-03", "1"), ("2026-01-04", champion)):
+        predictions = pq.read_table(work / "predictions" / f"dt={day}").to_pandas()
+        features = pq.read_table(work / "features" / f"dt={day}")
+        assert len(predictions) == features.num_rows > 0
+        assert set(predictions["model_version"]) == {version}
+    assert sys.executable  # the pipeline venv ran the work, the Airflow venv only scheduled

@@ -1,0 +1,118 @@
+"""Batch scoring (jobs/score.py, features/scoring.py) with a registered model."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from esmm import schema
+from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
+from tests.helpers import VENV_BIN, run_command
+
+DAY = "2026-01-03"
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(tmp_path_factory):
+    """A feature day, a tracking store with model 'scorer' (alias champion → version 1)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("scoring")
+    fields = small_fields()
+    write_feature_day(root / "features", DAY, fields, rows=500, seed=3)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    version = register_untrained_model(uri, "scorer", fields)
+    mlflow.MlflowClient(tracking_uri=uri).set_registered_model_alias("scorer", "champion", version)
+    return root, uri, version
+
+
+def score_command(root, model: str, features=None) -> list[str]:
+    return [
+        sys.executable,
+        "jobs/score.py",
+        "--features",
+        str(features or root / "features"),
+        "--date",
+        DAY,
+        "--model",
+        model,
+        "--out",
+        str(root / "predictions"),
+    ]
+
+
+@pytest.mark.integration
+def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(scoring_setup):
+    root, uri, version = scoring_setup
+    command = score_command(root, "models:/scorer@champion")
+    command[:2] = [str(VENV_BIN / "spark-submit"), "--master", "local[2]", "jobs/score.py"]
+    result = run_command(command, env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"scored with models:/scorer/{version}" in result.stdout
+    predictions = pq.read_table(root / "predictions" / f"dt={DAY}").to_pandas()
+    features = pq.read_table(root / "features" / f"dt={DAY}").to_pandas()
+    assert len(predictions) == len(features) == 500
+    assert sorted(predictions[schema.IMPRESSION_ID]) == sorted(features[schema.IMPRESSION_ID])
+    for name in ("pctr", "pcvr", "pctcvr"):
+        assert predictions[name].between(0, 1).all(), name
+    np.testing.assert_allclose(
+        predictions["pctcvr"], predictions["pctr"] * predictions["pcvr"], rtol=1e-6
+    )
+    assert set(predictions["model_version"]) == {version}
+    assert set(predictions["model_name"]) == {"scorer"}
+    assert not list((root / "predictions" / "_tmp").glob("*"))  # staging cleaned up
+
+
+@pytest.mark.integration
+def test_missing_alias_fails_in_one_line_before_spark(scoring_setup):
+    root, uri, _ = scoring_setup
+    result = run_command(
+        score_command(root, "models:/scorer@nonexistent"), env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("score.py: error:")
+    assert "no alias 'nonexistent'" in lines[0]
+    assert "Spark" not in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_missing_model_fails_in_one_line(scoring_setup):
+    root, uri, _ = scoring_setup
+    result = run_command(score_command(root, "models:/nobody/1"), env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "nobody" in result.stderr
+
+
+@pytest.mark.integration
+def test_table_that_does_not_match_the_signature_fails_with_exit_2(scoring_setup, tmp_path):
+    root, uri, _ = scoring_setup
+    table = pq.read_table(root / "features" / f"dt={DAY}")
+    # a table without one of the model's fields and with another one's type changed
+    table = table.drop(["device"])
+    table = table.set_column(
+        table.schema.get_field_index("hour"), "hour", table["hour"].cast("string")
+    )
+    (tmp_path / f"dt={DAY}").mkdir()
+    pq.write_table(table, tmp_path / f"dt={DAY}" / "part-0.parquet")
+    result = run_command(
+        score_command(root, "models:/scorer@champion", features=tmp_path),
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "column 'device' is missing" in line
+    assert "column 'hour' is string, the model expects long" in line
+
+
+def test_bad_model_uri_is_a_usage_error():
+    from features.scoring import ScoringInputError, parse_model_uri
+
+    assert parse_model_uri("models:/esmm@champion") == ("esmm", "champion", None)
+    assert parse_model_uri("models:/esmm/7") == ("esmm", None, "7")
+    with pytest.raises(ScoringInputError, match="models:/NAME@ALIAS"):
+        parse_model_uri("runs:/abc/model")
