@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--workers", type=int, default=2, help="Petastorm reader threads")
+    parser.add_argument(
+        "--workers", type=int, default=DataConfig().reader_workers, help="Petastorm reader threads"
+    )
     args = parser.parse_args()
 
     fields = shipped_fields()
