@@ -35,17 +35,12 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class _SingleProcess:
-    """The few Horovod calls the trainer's step makes, for one process without Horovod."""
-
-    Min = "min"
+    """The Horovod calls that build_optimizers and LockStep make, for one process without
+    Horovod (with size 1 LockStep makes no collective call)."""
 
     @staticmethod
     def size() -> int:
         return 1
-
-    @staticmethod
-    def allreduce(tensor, op=None, name=None):
-        return tensor
 
     @staticmethod
     def DistributedOptimizer(optimizer, named_parameters=None):
