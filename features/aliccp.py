@@ -557,17 +557,14 @@ def ingest_split(
     quarantine.write.mode("overwrite").partitionBy("log").parquet(f"{run}/quarantine")
     io.write_text(spark, f"{run}/stats.json", json.dumps(split_stats, indent=2, sort_keys=True))
 
+    paths = io.publish_partition(spark, run, out, split)
     result = SplitResult(
         split=split,
-        table_path=f"{out}/dt={split}",
-        quarantine_path=f"{out}/_quarantine/dt={split}",
-        stats_path=f"{out}/_stats/dt={split}.json",
+        table_path=paths.table,
+        quarantine_path=paths.quarantine,
+        stats_path=paths.stats,
         stats=split_stats,
     )
-    io.publish(spark, f"{run}/quarantine", result.quarantine_path, f"{run}/old-quarantine")
-    io.publish(spark, f"{run}/stats.json", result.stats_path, f"{run}/old-stats.json")
-    io.publish(spark, f"{run}/table", result.table_path, f"{run}/old-table")
-    io.delete(spark, run)
     for frame in (rows, common, common_parsed):
         frame.unpersist()
     return result

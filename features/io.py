@@ -11,9 +11,11 @@ untouched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pyspark.sql import SparkSession
 
-__all__ = ["delete", "exists", "publish", "write_text"]
+__all__ = ["PartitionPaths", "delete", "exists", "publish", "publish_partition", "write_text"]
 
 
 def _fs_and_path(spark: SparkSession, path: str):
@@ -62,3 +64,30 @@ def publish(spark: SparkSession, staged: str, final: str, trash: str) -> None:
     if not fs.rename(staged_path, final_path):
         raise OSError(f"could not rename {staged} to {final}")
     fs.delete(trash_path, True)
+
+
+@dataclass(frozen=True)
+class PartitionPaths:
+    """Where one published partition ``dt=P`` of a feature table lives."""
+
+    table: str
+    quarantine: str
+    stats: str
+
+
+def publish_partition(spark: SparkSession, run: str, out: str, partition: str) -> PartitionPaths:
+    """Publish a run's staged ``quarantine``, ``stats.json`` and ``table`` as ``dt=partition``.
+
+    The run folder must hold the three, complete. The table goes last: a ``dt=P`` folder only
+    appears once its stats and quarantine exist. The run folder is removed afterwards.
+    """
+    paths = PartitionPaths(
+        table=f"{out}/dt={partition}",
+        quarantine=f"{out}/_quarantine/dt={partition}",
+        stats=f"{out}/_stats/dt={partition}.json",
+    )
+    publish(spark, f"{run}/quarantine", paths.quarantine, f"{run}/old-quarantine")
+    publish(spark, f"{run}/stats.json", paths.stats, f"{run}/old-stats.json")
+    publish(spark, f"{run}/table", paths.table, f"{run}/old-table")
+    delete(spark, run)
+    return paths

@@ -167,18 +167,14 @@ def build_day(
     ).parquet(f"{run}/quarantine")
     io.write_text(spark, f"{run}/stats.json", json.dumps(day_stats, indent=2, sort_keys=True))
 
+    paths = io.publish_partition(spark, run, out, day)
     result = DayResult(
         day=day,
-        table_path=f"{out}/dt={day}",
-        quarantine_path=f"{out}/_quarantine/dt={day}",
-        stats_path=f"{out}/_stats/dt={day}.json",
+        table_path=paths.table,
+        quarantine_path=paths.quarantine,
+        stats_path=paths.stats,
         stats=day_stats,
     )
-    # The table goes last: a dt=D folder only appears once its stats and quarantine exist.
-    io.publish(spark, f"{run}/quarantine", result.quarantine_path, f"{run}/old-quarantine")
-    io.publish(spark, f"{run}/stats.json", result.stats_path, f"{run}/old-stats.json")
-    io.publish(spark, f"{run}/table", result.table_path, f"{run}/old-table")
-    io.delete(spark, run)
     for frame in (impressions, valid, clicks, conversions):
         frame.unpersist()
     return result

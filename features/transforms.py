@@ -143,6 +143,19 @@ def _first_per(key: str, among: str, order: list[str]) -> Column:
     return F.row_number().over(Window.partitionBy(among, key).orderBy(*order))
 
 
+def _event_status(nth: str) -> Column:
+    """The accounting status of a click or conversion record: null when another day's build
+    owns it, DEDUPLICATED for a repeated event id or a later event on the same impression
+    (``nth`` > 1), QUARANTINED when it has a reason, OUTPUT otherwise."""
+    return (
+        F.when(~F.col("owned"), F.lit(None))
+        .when(F.col("reason") == Reason.DUPLICATE_EVENT, DEDUPLICATED)
+        .when(F.col("reason").isNotNull(), QUARANTINED)
+        .when(F.col(nth) > 1, DEDUPLICATED)
+        .otherwise(OUTPUT)
+    )
+
+
 def attribute_clicks(
     clicks: DataFrame,
     days_of_impressions: DataFrame,
@@ -211,13 +224,7 @@ def attribute_clicks(
         F.col("attributed"), _first_per(IMPRESSION_ID, "attributed", ["ts", "click_id"])
     )
     joined = joined.withColumn("_nth_click", repeat)
-    status = (
-        F.when(~F.col("owned"), F.lit(None))
-        .when(F.col("reason") == Reason.DUPLICATE_EVENT, DEDUPLICATED)
-        .when(F.col("reason").isNotNull(), QUARANTINED)
-        .when(F.col("_nth_click") > 1, DEDUPLICATED)
-        .otherwise(OUTPUT)
-    )
+    status = _event_status("_nth_click")
     return joined.select(
         "folder_dt",
         "raw",
@@ -307,13 +314,7 @@ def attribute_conversions(
             F.col("_attributed"), _first_per(IMPRESSION_ID, "_attributed", ["ts", "conversion_id"])
         ),
     )
-    status = (
-        F.when(~F.col("owned"), F.lit(None))
-        .when(F.col("reason") == Reason.DUPLICATE_EVENT, DEDUPLICATED)
-        .when(F.col("reason").isNotNull(), QUARANTINED)
-        .when(F.col("_nth") > 1, DEDUPLICATED)
-        .otherwise(OUTPUT)
-    )
+    status = _event_status("_nth")
     return joined.select(
         "folder_dt",
         "raw",
