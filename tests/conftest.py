@@ -2,6 +2,8 @@
 
 - ``spark``: one session-scoped ``local[2]`` SparkSession (UI off, 4 shuffle partitions,
   quiet logs), built by the same :func:`features.spark.get_spark` the jobs use.
+- ``small_data_spark``: the same session tuned for a handful of rows, per module
+  (``pytestmark = pytest.mark.usefixtures("small_data_spark")``).
 - ``run_horovod``: runs ``horovodrun -np 2 --gloo`` on a script and returns each rank's
   output (see :mod:`tests.helpers`).
 - ``mlflow_server``: a real ``mlflow server`` on 127.0.0.1 over SQLite in a temp dir, started
@@ -36,6 +38,19 @@ def spark():
     session = get_spark("esmm-tests", master="local[2]", shuffle_partitions=4)
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module")
+def small_data_spark(spark):
+    """``spark`` tuned for a handful of rows (one shuffle partition, no whole-stage code
+    generation), restored after the module; use with ``pytest.mark.usefixtures``."""
+    settings = {"spark.sql.shuffle.partitions": "1", "spark.sql.codegen.wholeStage": "false"}
+    previous = {k: spark.conf.get(k) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    yield spark
+    for k, v in previous.items():
+        spark.conf.set(k, v)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,9 @@ from features.aliccp import COMMON, KNOWN_SAMPLE, SKELETON, Reason
 from features.transforms import hash_id
 from tests.helpers import run_command
 
+# One shuffle partition and no code generation for the whole module (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("small_data_spark")
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = load_config(ROOT / "conf/fields_aliccp.yaml", FieldsConfig)
 SEED = 7
@@ -332,15 +335,3 @@ def test_ingested_fixture_trains_one_epoch_under_horovod(ingested, tmp_path, run
     line = re.search(r"epoch 1/1: ctr_auc=([0-9.]+) cvr_auc=([0-9.]+)", trained.output)
     assert line, trained.output[-4000:]
     assert 0.0 <= float(line.group(1)) <= 1.0 and 0.0 <= float(line.group(2)) <= 1.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _small_data_settings(spark):
-    """Unit data is a handful of rows: one shuffle partition and no code generation are faster."""
-    settings = {"spark.sql.shuffle.partitions": "1", "spark.sql.codegen.wholeStage": "false"}
-    previous = {k: spark.conf.get(k) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    yield
-    for k, v in previous.items():
-        spark.conf.set(k, v)

@@ -22,6 +22,9 @@ from features.config import AttributionConfig, FeaturesConfig
 from features.raw import LOG_SCHEMAS, parse_lines
 from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
 
+# One shuffle partition and no code generation for the whole module (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("small_data_spark")
+
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2024-03-10"
 NEXT = "2024-03-11"
@@ -579,15 +582,3 @@ def test_date_without_impressions_exits_2(tmp_path):
     assert result.returncode == 2
     assert "no impressions for 2024-01-05" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _small_data_settings(spark):
-    """Unit data is a handful of rows: one shuffle partition and no code generation are faster."""
-    settings = {"spark.sql.shuffle.partitions": "1", "spark.sql.codegen.wholeStage": "false"}
-    previous = {k: spark.conf.get(k) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    yield
-    for k, v in previous.items():
-        spark.conf.set(k, v)
