@@ -14,16 +14,13 @@ Each step is the same command a user runs by hand; the demo prints each one befo
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import subprocess
 import sys
-import time
 from datetime import date, timedelta
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from esmm import launch
+
+BIN = launch.BIN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,18 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_step(title: str, command: list[str], env: dict[str, str]) -> float:
     """Run one pipeline step in the foreground; exit with its status if it fails."""
-    print(f"\n=== {title}\n$ {shlex.join(command)}", flush=True)
-    started = time.monotonic()
-    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False)
-    elapsed = time.monotonic() - started
-    if result.returncode != 0:
-        print(
-            f"\nesmm.demo: step '{title}' failed with exit code {result.returncode}",
-            file=sys.stderr,
-        )
-        sys.exit(result.returncode)
-    print(f"--- {title}: done in {elapsed:.0f}s", flush=True)
-    return elapsed
+    try:
+        return launch.run_step(title, command, env)
+    except launch.StepFailed as exc:
+        print(f"\nesmm.demo: {exc}", file=sys.stderr)
+        sys.exit(exc.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,24 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     start = date.fromisoformat(args.start_date)
     days = [(start + timedelta(days=i)).isoformat() for i in range(args.days)]
 
-    env = dict(os.environ)
-    env["PYSPARK_PYTHON"] = sys.executable
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # Spark's start-up INFO lines drown the jobs' summaries; conf/spark holds a quieter log4j2.
-    env.setdefault("SPARK_CONF_DIR", str(PROJECT_ROOT / "conf" / "spark"))
     tracking_uri = args.tracking_uri or f"sqlite:///{store}"
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    spark_submit = [
-        str(BIN / "spark-submit"),
-        "--master",
-        "local[2]",
-        "--driver-memory",
-        "4g",
-        "--conf",
-        "spark.ui.showConsoleProgress=false",
-    ]
+    env = launch.pipeline_env(tracking_uri)
+    spark_submit = launch.spark_submit()
     timings = {}
     # One day more of logs than of features: day D's late clicks/conversions land in D+1.
     timings["simulate"] = run_step(
@@ -143,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["train"] = run_step(
         f"train ESMM with horovodrun -np {args.np}",
         [
-            str(BIN / "horovodrun"),
-            "-np",
-            str(args.np),
-            "-H",
-            f"localhost:{args.np}",
-            "--gloo",
-            sys.executable,
+            *launch.horovodrun(args.np),
             "-m",
             "esmm.train",
             "--config",

@@ -49,6 +49,9 @@ class TrackingConfig(StrictModel):
         experiment: MLflow experiment name.
         registered_model_name: registry name of the trained model; ``null`` = do not register.
         log_model: log the model (pyfunc) at the end of training.
+        run_name: MLflow run name (``--run-name`` wins).
+        parent_run_id: nest this run under that MLflow run (``mlflow.parentRunId``), as the
+            experiment driver (:mod:`esmm.experiments`) does for each training it launches.
     """
 
     tracking_uri: str | None = None
@@ -56,6 +59,7 @@ class TrackingConfig(StrictModel):
     registered_model_name: str | None = "esmm"
     log_model: bool = True
     run_name: str | None = Field(default=None)
+    parent_run_id: str | None = None
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, environ: Mapping[str, str] = os.environ) -> str:
@@ -217,6 +221,11 @@ class RunTracker:
                 run_id=resume_run_id,
                 experiment_id=None if resume_run_id else experiment_id,
                 run_name=None if resume_run_id else (run_name or cfg.run_name),
+                tags=(
+                    {"mlflow.parentRunId": cfg.parent_run_id}
+                    if cfg.parent_run_id and not resume_run_id
+                    else None
+                ),
             )
         except mlflow.exceptions.MlflowException as exc:
             raise TrackingError(f"MLflow at {uri}: {exc.message}") from None

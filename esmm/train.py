@@ -121,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs line per epoch)"
     )
+    parser.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="rank 0 writes the MLflow run id, registered version and final metrics here "
+        "(JSON) when training succeeds; for drivers such as esmm.experiments and Airflow",
+    )
     return parser.parse_args(argv)
 
 
@@ -326,8 +332,25 @@ def main(argv: list[str] | None = None) -> int:
             eval_date=args.eval_date,
         )
         print(tracker.summary(metrics, version))
+        if args.summary_json:
+            write_summary(Path(args.summary_json), tracker.run_id, version, metrics)
     hvd.join()
     return 0
+
+
+def write_summary(path: Path, run_id: str, version: str | None, metrics: dict) -> None:
+    """The run's outcome as JSON (NaN metrics as null), written atomically."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "run_id": run_id,
+        "registered_version": version,
+        "metrics": {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def build_optimizers(model: torch.nn.Module, optim: OptimConfig, hvd) -> list:
