@@ -8,7 +8,7 @@ VAR ?= var
 # pytest arguments, e.g. make test PYTEST_ARGS="-k config -x"
 PYTEST_ARGS ?=
 
-.PHONY: help venv airflow-venv demo test lint format unit dist clean
+.PHONY: help venv airflow-venv demo experiments experiments-quick test lint format unit dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -28,6 +28,12 @@ airflow-venv: $(AIRFLOW_VENV)/.installed  ## create the separate Airflow environ
 
 demo: venv  ## run the pipeline end to end on the embedded defaults (outputs under var/demo)
 	OMP_NUM_THREADS=1 $(PY) -m esmm.demo --workdir $(VAR)/demo
+
+experiments: venv  ## the paper comparison + open questions, full run (docs/RESULTS.md; ~1.5 h)
+	OMP_NUM_THREADS=1 $(PY) -m esmm.experiments all --config conf/experiment.yaml
+
+experiments-quick: venv  ## the same on small data with fewer seeds (minutes)
+	OMP_NUM_THREADS=1 $(PY) -m esmm.experiments all --config conf/experiment.yaml --quick
 
 lint: venv  ## ruff lint + format check
 	$(VENV)/bin/ruff check .
