@@ -1,6 +1,6 @@
 """GPU throughput: the trainer's loop with the real Petastorm input vs. compute only, on CUDA.
 
-    .venv/bin/python -m bench.gpu [--rows 1000000] [--batch-size 4096]
+    .venv/bin/python -m bench.gpu [--rows 1000000] [--batch-size 4096] [--baseline]
 
 Run by bench/gpu.sh on a machine with an NVIDIA GPU and a CUDA build of PyTorch. Prints
 samples/s of compute only (batches already on the GPU) and of the real input pipeline feeding
@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 from bench.common import make_table, print_table, shipped_fields
-from bench.training import compute_only_samples_per_s, pipeline_samples_per_s
+from bench.training import (
+    compute_only_samples_per_s,
+    petastorm_loader_batches,
+    pipeline_samples_per_s,
+)
 
 
 def main() -> None:
@@ -24,10 +28,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--reader-workers", type=int, default=4)
+    # Hidden: run the same code path on another device (a CPU check of the imports it needs).
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time the input as it was before issue #8 (Petastorm's BatchedDataLoader)",
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.gpu: no CUDA device visible to torch; run it on a GPU machine")
-    device = "cuda"
     fields = shipped_fields()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         (day,) = make_table(Path(tmp), args.rows)
@@ -40,12 +51,27 @@ def main() -> None:
                 fields, Path(tmp), day, args.batch_size, device, reader_workers=workers
             )
             rows.append([f"Petastorm input, {workers} reader thread(s)", rate, rate / compute])
+            if args.baseline:
+                rate = pipeline_samples_per_s(
+                    fields,
+                    Path(tmp),
+                    day,
+                    args.batch_size,
+                    device,
+                    reader_workers=workers,
+                    batches=petastorm_loader_batches,
+                )
+                rows.append(["  same, input before #8", rate, rate / compute])
     print_table(
-        f"GPU training throughput on {torch.cuda.get_device_name()}, batch {args.batch_size}",
+        f"training throughput on {_device_name(device)}, batch {args.batch_size}",
         ["setting", "samples/s", "vs compute only"],
-        [["compute only (batches on GPU)", f"{compute:,.0f}", "1.00"]]
+        [[f"compute only (batches on {device})", f"{compute:,.0f}", "1.00"]]
         + [[name, f"{rate:,.0f}", f"{ratio:.2f}"] for name, rate, ratio in rows],
     )
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ The network knows nothing of files; this module knows nothing of the network. Th
 asks for ``train_batches(...)`` (shuffled, sharded, as tensors) and ``eval_batches(...)``
 (in order, sharded, numpy, with the impression id for the oracle join).
 
-Why ``make_batch_reader`` + ``BatchedDataLoader``: Petastorm's row-by-row ``DataLoader``
-collates in Python (4.6 s for 2M rows here) while the batched path hands whole Arrow row
-groups to torch (0.11 s). Multi-valued fields are stored padded to a fixed length
-(:mod:`esmm.schema`), so the reader stacks them into ``[rows, max_len]`` arrays in one call.
+Why ``make_batch_reader``: Petastorm's row-by-row ``DataLoader`` collates in Python (4.6 s
+for 2M rows here) while the batched reader hands whole row groups over as numpy arrays.
+Multi-valued fields are stored padded to a fixed length (:mod:`esmm.schema`), so each is
+viewed as one ``[rows, max_len]`` array (:func:`_use_fast_list_conversion`). Batches are
+assembled as Petastorm 0.12's ``BatchedDataLoader`` assembles them (same shuffling buffer,
+same random draws) but with a few tensor operations per batch instead of one per column
+(:func:`_shuffled_batches`): the input runs in a thread beside the training step and every
+Python-level operation it makes competes with the step for the GIL (issue #8).
 
 Sharding: ``cur_shard=rank, shard_count=size`` gives each rank whole row groups, so shards
 are uneven in general; the trainer ends each epoch on every rank together (an allreduced
@@ -17,6 +21,7 @@ are uneven in general; the trainer ends each epoch on every rank together (an al
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -63,15 +68,16 @@ class DataConfig(StrictModel):
         batch_size: rows per training step on each rank.
         eval_batch_size: rows per evaluation batch.
         shuffle_queue_rows: rows held by the shuffling buffer (0 = no row shuffle; row groups
-            are still read in a seeded random order). Each refill of Petastorm's buffer copies
-            what it holds, so a buffer of a few row groups mixes well at a small cost
+            are still read in a seeded random order). Each refill of the buffer copies what it
+            holds, so a buffer of a few row groups mixes well at a small cost
             (bench/input_pipeline.py).
         reader_workers: Petastorm reader threads per rank. One keeps up with a CPU trainer
             with room to spare; more threads compete with the training step for the GIL
             (measured slower on 2 cores); raise it on GPU hosts with cores to spare.
         prefetch_batches: batches assembled ahead by a background thread (0 = assemble in
-            the training loop). Petastorm's loader collates and shuffles in the thread that
-            iterates it; doing that while the step runs hides it behind the model's compute.
+            the training loop). Converting row groups and shuffling run in the thread that
+            iterates the reader; doing that while the step runs hides it behind the model's
+            compute.
     """
 
     batch_size: int = Field(default=1024, ge=1)
@@ -194,7 +200,7 @@ def _make_reader(
     from petastorm.errors import NoDataAvailableError
 
     try:
-        return make_batch_reader(
+        reader = make_batch_reader(
             parquet_file_urls(urls),
             schema_fields=_field_patterns(columns),
             reader_pool_type="thread",
@@ -211,6 +217,104 @@ def _make_reader(
             "Write the feature table with more row groups (features.yaml: rows_per_row_group) "
             "or use fewer workers."
         ) from None
+    _use_fast_list_conversion(reader)
+    return reader
+
+
+def _use_fast_list_conversion(reader) -> None:
+    """Convert each row group's list columns to ``[rows, max_len]`` arrays in one call.
+
+    Petastorm 0.12 turns a list column into numpy with ``to_pandas()`` (an object array of
+    one small array per row) and ``np.vstack`` of those: 60% of the input's time here, spent
+    holding the GIL in the thread that iterates the reader, i.e. beside the training step.
+    The padded multi-valued fields (:mod:`esmm.schema`) are one flat Arrow buffer; viewing it
+    as ``[rows, max_len]`` gives the same array for a small fraction of the cost. Petastorm is
+    pinned (pyproject.toml); a reader of another kind than 0.12's Arrow reader is left alone.
+    """
+    from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
+
+    if type(reader._results_queue_reader) is ArrowReaderWorkerResultsQueueReader:
+        reader._results_queue_reader = _fast_list_results_reader_class()()
+
+
+def _fixed_length_list_to_numpy(array) -> np.ndarray | None:
+    """The ``[rows, length]`` numpy view of a list array whose rows all hold ``length``
+    non-null numbers; None for any other array (left to Petastorm's conversion)."""
+    import pyarrow as pa
+
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+        return None
+    value_type = array.type.value_type
+    if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
+        return None
+    rows = len(array)
+    if rows == 0 or array.null_count:
+        return None
+    offsets = np.asarray(array.offsets)
+    total = int(offsets[-1] - offsets[0])
+    if total % rows or np.any(np.diff(offsets) != total // rows):
+        return None
+    values = array.flatten()
+    if values.null_count:
+        return None
+    return values.to_numpy().reshape(rows, total // rows)
+
+
+@functools.cache
+def _fast_list_results_reader_class() -> type:
+    from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
+    from petastorm.workers_pool import EmptyResultError
+
+    class FastListResultsReader(ArrowReaderWorkerResultsQueueReader):
+        """Petastorm's results reader, with fixed-length numeric list columns converted by
+        :func:`_fixed_length_list_to_numpy`; other columns are converted as Petastorm's
+        ``read_next`` converts them."""
+
+        def read_next(self, workers_pool, schema, ngram):
+            assert not ngram, "ArrowReader does not support ngrams for now"
+            try:
+                table = workers_pool.get_results()
+            except EmptyResultError:
+                raise StopIteration from None
+            columns = {}
+            for name in table.column_names:
+                column = table.column(name)
+                if column.num_chunks == 1:
+                    values = _fixed_length_list_to_numpy(column.chunks[0])
+                else:
+                    values = _fixed_length_list_to_numpy(column.combine_chunks())
+                if values is None:
+                    columns[name] = _petastorm_column_to_numpy(column, table.column(0))
+                    continue
+                shape = schema.fields[name].shape
+                if len(shape) > 1:
+                    values = values.reshape((len(values), *shape))
+                columns[name] = values
+            return schema.make_namedtuple(**columns)
+
+    return FastListResultsReader
+
+
+def _petastorm_column_to_numpy(column, first_column) -> np.ndarray:
+    """A column other than a fixed-length numeric list, as Petastorm 0.12's reader converts it."""
+    import pandas as pd
+    import pyarrow as pa
+
+    # Petastorm converts the single chunk of a one-row-group table directly (faster).
+    one_chunk = first_column.num_chunks == 1
+    values = column.chunks[0].to_pandas() if one_chunk else column.to_pandas()
+    if isinstance(values, pd.Series):
+        values = values.values
+    if pa.types.is_string(column.type):
+        return values.astype(np.str_)
+    if pa.types.is_list(column.type):
+        try:
+            return np.vstack(values.tolist())
+        except ValueError:
+            raise RuntimeError(
+                f"Length of all values in column '{column._name}' are expected to be the same"
+            ) from None
+    return values
 
 
 def _to_tensors(batch: dict[str, torch.Tensor], fields: FieldsConfig) -> dict[str, torch.Tensor]:
@@ -244,22 +348,147 @@ def train_batches(
         An iterator of dicts: label → float32 ``[B]``; single field → int64 ``[B]``; multi
         field → int64 ``[B, max_len]``. The last batch may be smaller.
     """
-    from petastorm.pytorch import BatchedDataLoader
-
-    torch.manual_seed(seed)  # BatchedRandomShufflingBuffer draws from torch's global RNG
+    torch.manual_seed(seed)  # the shuffling buffer draws from torch's global RNG
     reader = _make_reader(
         urls, schema.model_columns(fields), rank, size, True, seed, cfg.reader_workers
     )
-    loader = BatchedDataLoader(
-        reader, batch_size=cfg.batch_size, shuffling_queue_capacity=cfg.shuffle_queue_rows
-    )
-    with loader:
-        batches = (_to_tensors(batch, fields) for batch in loader)
+    with reader:
+        rows = (row._asdict() for row in reader)
+        shuffled = _shuffled_batches(rows, cfg.batch_size, cfg.shuffle_queue_rows)
+        batches = (_to_tensors(batch, fields) for batch in shuffled)
         if cfg.prefetch_batches:
             with _Prefetcher(batches, cfg.prefetch_batches) as prefetched:
                 yield prefetched
         else:
             yield batches
+
+
+def _shuffled_batches(
+    row_groups: Iterator[dict[str, np.ndarray]], batch_size: int, queue_rows: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``batch_size`` rows (the last may be smaller) from row-group dicts.
+
+    The batches of Petastorm 0.12's ``BatchedDataLoader`` (same random draws from torch's
+    global RNG, so the same rows in the same order), assembled with a few tensor operations
+    per batch instead of one per column: columns of one dtype and row shape are held as one
+    ``[columns, rows, ...]`` tensor. Petastorm's buffer indexes each of the 17 columns on its
+    own for every batch, holding the GIL beside the training step each time.
+
+    With ``queue_rows`` > 0 (Petastorm's ``BatchedRandomShufflingBuffer``): once the buffer
+    holds ``queue_rows + batch_size - 1`` rows, one ``randperm`` of its rows is sliced into
+    batches until it holds fewer; the rest is compacted and the next row group appended. With
+    0 (``BatchedNoopShufflingBuffer``): the rows in the order read, in ``batch_size`` slices.
+    """
+    if queue_rows <= 0:
+        yield from _sequential_batches(row_groups, batch_size)
+        return
+    buffer = _GroupedColumns()
+    capacity = queue_rows - 1 + batch_size  # Petastorm's shuffling_queue_capacity
+    retrieve_at = capacity - 1  # its can_retrieve: size >= min_after_dequeue + batch_size - 1
+    size = 0
+    order: torch.Tensor | None = None  # the permutation being sliced, drawn at first retrieve
+    head = 0
+    done = False
+    row_groups = iter(row_groups)
+    while True:
+        group = next(row_groups, None)
+        if group is None:
+            done = True
+        else:
+            columns = {k: _as_torch_column(v) for k, v in group.items()}
+            rows = len(next(iter(columns.values())))
+            new_capacity = capacity
+            while new_capacity < size + rows:
+                new_capacity *= 2
+            if head > 0:  # drop the rows already handed out, keeping the rest in draw order
+                buffer.keep(order[head:])
+            order, head = None, 0
+            buffer.append(columns, size, new_capacity)
+            size += rows
+        while size >= retrieve_at or (done and size > 0):
+            take = min(batch_size, size)
+            if order is None:
+                order, head = torch.randperm(size), 0
+            yield buffer.take(order[head : head + take])
+            head += take
+            size -= take
+        if done:
+            return
+
+
+class _GroupedColumns:
+    """The buffer's columns in ``[capacity, columns, ...]`` tensors, one per (dtype, row shape).
+
+    Row-major, so that taking or keeping rows is one ``index_select`` of dimension 0 per group
+    (along dimension 1 of a column-major block it is ~10x slower in torch 2.13); each batch
+    is turned column-major once, so that every column handed out is contiguous.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple, torch.Tensor] = {}
+        self._where: dict[str, tuple[tuple, int]] = {}  # column -> (group key, index in it)
+
+    def append(self, columns: dict[str, torch.Tensor], at: int, capacity: int) -> None:
+        """Write ``columns`` at row ``at``, first growing the buffer to ``capacity`` rows."""
+        if not self._where:
+            counts: dict[tuple, int] = {}
+            for name, column in columns.items():
+                key = (column.dtype, tuple(column.shape[1:]))
+                self._where[name] = (key, counts.get(key, 0))
+                counts[key] = counts.get(key, 0) + 1
+            self._groups = {
+                key: torch.empty((capacity, count, *key[1]), dtype=key[0])
+                for key, count in counts.items()
+            }
+        for key, group in self._groups.items():
+            if len(group) < capacity:
+                grown = torch.empty((capacity, *group.shape[1:]), dtype=group.dtype)
+                grown[:at] = group[:at]
+                self._groups[key] = grown
+        for name, column in columns.items():
+            key, index = self._where[name]
+            self._groups[key][at : at + len(column), index] = column
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Move ``rows`` (indices) to the front, in that order."""
+        for group in self._groups.values():
+            group[: len(rows)] = group.index_select(0, rows)
+
+    def take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The columns of ``rows`` (indices), each a contiguous tensor."""
+        taken = {
+            key: group.index_select(0, rows).movedim(1, 0).contiguous()
+            for key, group in self._groups.items()
+        }
+        return {name: taken[key][index] for name, (key, index) in self._where.items()}
+
+
+def _sequential_batches(
+    row_groups: Iterator[dict[str, np.ndarray]], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Petastorm's ``BatchedNoopShufflingBuffer``: rows in order, leftovers carried over."""
+    pending: dict[str, torch.Tensor] = {}
+    for group in row_groups:
+        columns = {k: _as_torch_column(v) for k, v in group.items()}
+        if pending:
+            columns = {k: torch.cat([pending[k], v]) for k, v in columns.items()}
+        rows = len(next(iter(columns.values())))
+        end = rows - rows % batch_size
+        for start in range(0, end, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in columns.items()}
+        pending = {k: v[end:] for k, v in columns.items()}
+    if pending and len(next(iter(pending.values()))):
+        yield pending
+
+
+def _as_torch_column(values: np.ndarray) -> torch.Tensor:
+    """A reader column as a tensor, with the dtype promotions of Petastorm's loader."""
+    promote = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64}
+    if values.dtype == np.bool_:
+        values = values.astype(np.uint8)
+    elif values.dtype in promote:
+        values = values.astype(promote[values.dtype])
+    return torch.as_tensor(values)
 
 
 class _Prefetcher:

@@ -133,3 +133,56 @@ def test_prefetcher_stops_its_thread_when_the_consumer_leaves_early():
     with _Prefetcher(iter(range(10_000)), depth=2) as items:
         assert next(items) == 0
     assert not any(t.name == "esmm-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "queue_rows"), [(128, 500), (64, 3000), (100, 20_000), (256, 0), (7, 0)]
+)
+def test_train_batches_are_petastorms_batched_loader_batches(tmp_path, batch_size, queue_rows):
+    # esmm.data assembles batches itself (fewer tensor operations per batch) with the same
+    # algorithm and random draws as Petastorm's BatchedDataLoader: the same rows, same order.
+    from petastorm.pytorch import BatchedDataLoader
+
+    from esmm import schema
+    from esmm.data import _make_reader, _to_tensors
+
+    fields = small_fields()
+    write_feature_day(tmp_path, "2026-01-03", fields, 3000, row_group_sizes=[900, 700, 1400])
+    urls = partition_urls(str(tmp_path), ["2026-01-03"])
+    torch.manual_seed(5)
+    reader = _make_reader(urls, schema.model_columns(fields), 0, 1, True, 5, 1)
+    with BatchedDataLoader(
+        reader, batch_size=batch_size, shuffling_queue_capacity=queue_rows
+    ) as loader:
+        expected = [_to_tensors(batch, fields) for batch in loader]
+    cfg = DataConfig(batch_size=batch_size, shuffle_queue_rows=queue_rows, reader_workers=1)
+    with train_batches(urls, fields, cfg, seed=5) as batches:
+        got = list(batches)
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.keys() == theirs.keys()
+        for name, tensor in mine.items():
+            assert tensor.dtype == theirs[name].dtype and tensor.is_contiguous()
+            assert torch.equal(tensor, theirs[name]), name
+
+
+def test_list_columns_convert_like_petastorm_and_odd_ones_are_left_to_it():
+    import numpy as np
+    import pyarrow as pa
+
+    from esmm.data import _fixed_length_list_to_numpy, _petastorm_column_to_numpy
+
+    lists = pa.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], pa.list_(pa.int64()))
+    for array in (lists, lists.slice(1, 2)):
+        fast = _fixed_length_list_to_numpy(array)
+        slow = _petastorm_column_to_numpy(pa.chunked_array([array]), pa.chunked_array([array]))
+        assert fast.dtype == slow.dtype and np.array_equal(fast, slow)
+    assert _fixed_length_list_to_numpy(lists.slice(1, 2)).tolist() == [[4, 5, 6], [7, 8, 9]]
+    for odd in (
+        pa.array([[1, 2], [3]]),  # ragged
+        pa.array([[1, 2], None]),  # a null row
+        pa.array([[1, None], [3, 4]]),  # a null value
+        pa.array([["a", "b"], ["c", "d"]]),  # not numbers
+        pa.array([1, 2]),  # not a list
+    ):
+        assert _fixed_length_list_to_numpy(odd) is None
