@@ -678,8 +678,10 @@ def plot_comparison(results: Sequence[RunResult], path: Path, title: str) -> Pat
         for metric, _ in COMPARED
         if not math.isnan(stat(grouped[label], metric)[0])
     ]
+    ceilings = [100 * stat(list(results), oracle)[0] for _, oracle in ORACLE]
+    tops = [v for v in [*finite, *ceilings] if not math.isnan(v)]
     if finite:
-        ax.set_ylim(min(finite) - 3, max(finite) + 8)
+        ax.set_ylim(min(finite) - 3, max(tops) + 2)
     ax.set_xticks(x, labels, rotation=20)
     ax.set_ylabel("AUC (points), mean ± std over seeds")
     ax.set_title(title + "\n(dashed: oracle ceilings)")
