@@ -11,6 +11,7 @@ validation, so they are validated exactly like the file.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -89,6 +90,14 @@ class FieldsConfig(StrictModel):
             if spec.name == name:
                 return spec
         raise KeyError(f"no field '{name}'; known: {', '.join(f.name for f in self.fields)}")
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """Add the repeatable ``--set KEY=VALUE`` option (into ``args.overrides``) that every
+    entry point offers; :func:`parse_overrides` / :func:`load_config` apply the values."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:

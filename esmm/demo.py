@@ -19,6 +19,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from esmm import launch
+from esmm.config import add_override_argument
 
 BIN = launch.BIN
 
@@ -43,13 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tracking-uri",
         help="MLflow tracking URI (default: a SQLite store in the work dir)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training config override, passed to esmm.train (repeatable)",
+    add_override_argument(
+        parser,
+        "training config override, passed to esmm.train (repeatable)",
     )
     args = parser.parse_args(argv)
     if args.days < 2:
@@ -114,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env,
     )
-    overrides = [part for kv in args.overrides for part in ("--set", kv)]
     timings["train"] = run_step(
         f"train ESMM with horovodrun -np {args.np}",
         [
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             str(workdir / "checkpoints"),
             "--run-name",
             "demo",
-            *overrides,
+            *launch.set_args(args.overrides),
         ],
         env,
     )

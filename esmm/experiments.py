@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -51,7 +52,7 @@ import yaml
 from pydantic import Field
 
 from esmm import launch
-from esmm.config import ConfigError, StrictModel, load_config
+from esmm.config import ConfigError, StrictModel, add_override_argument, load_config
 from esmm.losses import TaskWeights
 from esmm.model import Variant
 
@@ -241,7 +242,7 @@ def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
             str(spec.seed),
             "--out",
             str(paths.raw),
-            *[part for kv in sets for part in ("--set", kv)],
+            *launch.set_args(sets),
         ]
         build = [
             *launch.spark_submit(),
@@ -306,7 +307,7 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
         "--no-progress",
         "--summary-json",
         str(summary_path.with_suffix(".trainer.json")),
-        *[part for kv in overrides for part in ("--set", kv)],
+        *launch.set_args(overrides),
     ]
     seconds = launch.run_step(
         f"train {spec.label} seed {spec.seed}",
@@ -903,8 +904,6 @@ def close_parent(ctx: Context, run_id: str, outcome: Outcome | None, seconds: fl
 
 
 def resolve_context(cfg: ExperimentConfig, fresh: bool) -> Context:
-    import os
-
     from esmm.tracking import check_reachable, default_artifact_location
 
     workdir = Path(cfg.workdir)
@@ -944,13 +943,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="apply the config's 'quick' overrides (fewer seeds, smaller data): minutes",
     )
     parser.add_argument("--fresh", action="store_true", help="ignore cached datasets and trainings")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an experiment-config key, e.g. --set seeds=[1,2] (repeatable)",
+    add_override_argument(
+        parser,
+        "override an experiment-config key, e.g. --set seeds=[1,2] (repeatable)",
     )
     return parser.parse_args(argv)
 

@@ -67,6 +67,11 @@ def horovodrun(np: int) -> list[str]:
     ]
 
 
+def set_args(overrides: Sequence[str]) -> list[str]:
+    """``["a=1", "b=2"]`` → ``["--set", "a=1", "--set", "b=2"]`` for a launched command."""
+    return [part for kv in overrides for part in ("--set", kv)]
+
+
 def run_step(
     title: str,
     command: Sequence[str],

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from esmm.config import ConfigError, StrictModel, load_config
+from esmm.config import ConfigError, StrictModel, add_override_argument, load_config
 
 __all__ = [
     "Decision",
@@ -309,13 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(Path(__file__).resolve().parents[1] / "conf" / "pipeline.yaml"),
         help="pipeline config with the promotion: section (default conf/pipeline.yaml)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set promotion.min_improvement=0.01",
+    add_override_argument(
+        parser,
+        "override a config key, e.g. --set promotion.min_improvement=0.01",
     )
     return parser.parse_args(argv)
 

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from esmm.config import ConfigError, FieldsConfig, StrictModel, load_config
+from esmm.config import (
+    ConfigError,
+    FieldsConfig,
+    StrictModel,
+    add_override_argument,
+    load_config,
+)
 from esmm.data import (
     DataConfig,
     DataError,
@@ -110,13 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="continue from <checkpoint-dir>/last.pt"
     )
     parser.add_argument("--run-name", help="MLflow run name")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.variant=base --set epochs=2 (repeatable)",
+    add_override_argument(
+        parser,
+        "override a config key, e.g. --set model.variant=base --set epochs=2 (repeatable)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (logs line per epoch)"

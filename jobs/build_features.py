@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from esmm.config import ConfigError, FieldsConfig, load_config  # noqa: E402
+from esmm.config import ConfigError, FieldsConfig, add_override_argument, load_config  # noqa: E402
 from features.cli import UsageError, die, is_local_path, local_dir_exists, parse_date  # noqa: E402
 from features.config import FeaturesConfig  # noqa: E402
 
@@ -55,13 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(PROJECT_ROOT / "conf/fields.yaml"),
         help="field list (default conf/fields.yaml)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of --config, e.g. output.rows_per_row_group=50000",
+    add_override_argument(
+        parser,
+        "override a key of --config, e.g. output.rows_per_row_group=50000",
     )
     parser.add_argument("--master", default=None, help="Spark master when not set by spark-submit")
     return parser.parse_args(argv)

@@ -22,7 +22,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from esmm.config import ConfigError, load_config  # noqa: E402
+from esmm.config import ConfigError, add_override_argument, load_config  # noqa: E402
 from features.cli import UsageError, die, parse_date  # noqa: E402
 from features.config import SimulatorConfig  # noqa: E402
 
@@ -46,13 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(PROJECT_ROOT / "conf/simulator.yaml"),
         help="simulator config (default conf/simulator.yaml)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. presets.demo.funnel.selection_bias=0.9",
+    add_override_argument(
+        parser,
+        "override a config key, e.g. presets.demo.funnel.selection_bias=0.9",
     )
     parser.add_argument(
         "--partitions",

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from esmm import launch
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -87,17 +89,7 @@ def run_horovodrun(
         The exit code and each rank's output.
     """
     target = ["-m", str(script)] if module else [str(script)]
-    command = [
-        str(VENV_BIN / "horovodrun"),
-        "-np",
-        str(np),
-        "-H",
-        f"localhost:{np}",
-        "--gloo",
-        sys.executable,
-        *target,
-        *args,
-    ]
+    command = [*launch.horovodrun(np), *target, *args]
     proc = subprocess.run(
         command,
         cwd=PROJECT_ROOT,
