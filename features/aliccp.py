@@ -539,7 +539,10 @@ def ingest_split(
                 common_input, common_out[0], common_reasons, int(common_out[1] or 0)
             ),
         },
-        "table": stats.table_stats(spark.read.parquet(f"{run}/table"), fields),
+        "table": stats.table_stats(
+            spark.read.parquet(f"{run}/table").agg(*stats.table_metrics(fields)).first().asDict(),
+            fields,
+        ),
         "inputs": {SKELETON: skeleton_path, COMMON: common_path},
     }
     problems = conservation_problems(split_stats)

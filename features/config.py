@@ -155,10 +155,16 @@ class OutputConfig(StrictModel):
 
 
 class ProfileJoin(StrictModel):
-    """How a profile snapshot joins the impressions: ``impressions.<impression_key> = <key>``."""
+    """How a profile snapshot joins the impressions: ``impressions.<impression_key> = <key>``.
+
+    ``broadcast`` ships the (hashed) snapshot to every executor, so the day's impressions are
+    not shuffled for the join; set it false for a snapshot too big for executor memory (the
+    join then shuffles the day by the key).
+    """
 
     key: str
     impression_key: str
+    broadcast: bool = True
 
 
 class FeaturesConfig(StrictModel):

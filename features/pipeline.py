@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig
 from esmm.schema import IMPRESSION_ID
 from features import io, stats, transforms
 from features.config import FeaturesConfig
-from features.raw import LOG_SCHEMAS, parse_lines, read_lines
+from features.raw import count_lines, read_log, record_text
 
 __all__ = ["AccountingError", "DayResult", "InputError", "build_day"]
 
@@ -72,85 +72,85 @@ def build_day(
         if not io.exists(spark, path):
             raise InputError(f"no {log} snapshot for {day}: {path} does not exist")
 
-    keep = StorageLevel.MEMORY_AND_DISK
-    parsed = parse_lines(read_lines(spark, {day: impressions_folder}), LOG_SCHEMAS["impressions"])
-    # Only quarantined lines need their raw text later: keeping it for every row would make
-    # the cached day several times bigger.
-    impressions = parsed.withColumn(
-        "raw",
-        F.when(
-            F.col("malformed") | F.col(IMPRESSION_ID).isNull() | F.col("ts").isNull(), F.col("raw")
-        ),
-    ).persist(keep)
-    valid, quarantined_impressions = transforms.classify_impressions(impressions)
-    valid = valid.persist(keep)
-    impression_counts = stats.impression_counts(impressions, valid, quarantined_impressions)
-    if impression_counts["input"] == 0:
+    lines = count_lines(spark, impressions_folder)
+    if lines == 0:
         raise InputError(f"no impressions for {day}: {impressions_folder} is empty")
+
+    keep = StorageLevel.MEMORY_AND_DISK
+    impressions = read_log(spark, {day: impressions_folder}, "impressions")
+    click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
+    click_lines = read_log(spark, click_folders, "clicks").persist(keep)
+    # Pass 1 over the day: only the records attribution and the quarantine need (a few %).
+    narrow = _materialize(transforms.narrow_impressions(impressions, click_lines).persist(keep))
+    named, quarantined_impressions = transforms.classify_impressions(narrow)
 
     before = transforms.days_around(day, horizon, 0)[:-1]
     lookback_folders = _existing(spark, raw, "impressions", before)
     lookback = None
     if lookback_folders:
-        lookback = parse_lines(read_lines(spark, lookback_folders), LOG_SCHEMAS["impressions"])
-    days_of_impressions = transforms.impression_days(valid, day, lookback)
-
-    click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
+        lookback = read_log(spark, lookback_folders, "impressions").select(
+            "folder_dt", IMPRESSION_ID, "ts", "malformed"
+        )
     clicks = transforms.attribute_clicks(
-        parse_lines(read_lines(spark, click_folders), LOG_SCHEMAS["clicks"]),
-        days_of_impressions,
-        valid,
+        click_lines,
+        transforms.impression_lookup(named, day, lookback, click_lines),
         day,
         horizon,
         window.click_window_s,
-    ).persist(keep)
+    )
+    clicks = _materialize(clicks.persist(keep))
     conversion_folders = _existing(
         spark, raw, "conversions", transforms.days_around(day, 0, horizon)
     )
     conversions = transforms.attribute_conversions(
-        parse_lines(read_lines(spark, conversion_folders), LOG_SCHEMAS["conversions"]),
+        read_log(spark, conversion_folders, "conversions"),
         clicks,
         day,
         horizon,
         window.conversion_window_s,
-    ).persist(keep)
-
-    labelled = transforms.label_impressions(valid, clicks, conversions)
-    profiles = {
-        log: (
-            transforms.hash_profile(spark.read.parquet(profile_paths[log]), log, join.key, fields),
-            join.impression_key,
-        )
-        for log, join in config.profiles.items()
-    }
-    table = transforms.encode_features(labelled, profiles, fields)
-
-    # The table is computed once, while it is written to the run's staging folder; its stats
-    # are read back from the (columnar) staged files, and nothing is published before the
-    # accounting check passes.
-    run = f"{out}/_tmp/{day}-{uuid.uuid4().hex[:8]}"
-    files = max(
-        config.output.min_row_groups,
-        math.ceil(impression_counts["output"] / config.output.rows_per_row_group),
     )
+    conversions = _materialize(conversions.persist(keep))
+
+    # Pass 2 over the day: the table. One row group per file: enough files for the rows (the
+    # line count bounds them), and at least min_row_groups. The counts of the impressions and
+    # the table's stats are observed while it is written (after the shuffle, so each task's
+    # values count once), not computed by more passes.
+    files = max(config.output.min_row_groups, math.ceil(lines / config.output.rows_per_row_group))
+    impression_seen = Observation("impressions")
+    ranked = transforms.rank_impressions(impressions, files).observe(
+        impression_seen, *stats.impression_metrics()
+    )
+    labelled = transforms.label_impressions(
+        transforms.deduplicate_impressions(ranked), clicks, conversions
+    )
+    profiles = {}
+    for log, join in config.profiles.items():
+        snapshot = spark.read.parquet(profile_paths[log])
+        hashed = transforms.hash_profile(snapshot, log, join.key, fields)
+        profiles[log] = (F.broadcast(hashed) if join.broadcast else hashed, join.impression_key)
+    table_seen = Observation("table")
+    table = transforms.encode_features(labelled, profiles, fields).observe(
+        table_seen, *stats.table_metrics(fields)
+    )
+
+    # Nothing is published before the accounting check passes: the table goes to the run's
+    # staging folder first, in the layout rank_impressions gave it.
+    run = f"{out}/_tmp/{day}-{uuid.uuid4().hex[:8]}"
     (
-        table.repartition(files, IMPRESSION_ID)
-        .sortWithinPartitions(IMPRESSION_ID)
-        .write.option("maxRecordsPerFile", config.output.rows_per_row_group)
+        table.write.option("maxRecordsPerFile", config.output.rows_per_row_group)
         .option("parquet.block.size", config.output.parquet_block_size_bytes)
         .mode("overwrite")
         .parquet(f"{run}/table")
     )
-    staged = spark.read.parquet(f"{run}/table")
 
     day_stats: dict[str, Any] = {
         "dt": day,
         "logs": {
-            "impressions": impression_counts,
+            "impressions": stats.impression_counts(impression_seen.get, lines),
             "clicks": stats.event_log_counts(clicks),
             "conversions": stats.event_log_counts(conversions),
         },
-        "table": stats.table_stats(staged, fields),
+        "table": stats.table_stats(table_seen.get, fields),
         "folders_read": {
             "impressions": [day, *sorted(lookback_folders)],
             "clicks": sorted(click_folders),
@@ -175,21 +175,28 @@ def build_day(
         stats_path=paths.stats,
         stats=day_stats,
     )
-    for frame in (impressions, valid, clicks, conversions):
+    for frame in (narrow, click_lines, clicks, conversions):
         frame.unpersist()
     return result
 
 
+def _materialize(frame: DataFrame) -> DataFrame:
+    """Fill a persisted frame's cache now. Left lazy, the table's write would compute it in
+    several broadcast jobs at once, each one reading the day again."""
+    frame.count()
+    return frame
+
+
 def _quarantine(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame) -> DataFrame:
     """Every quarantined record of the day: ``log``, ``reason``, ``folder_dt``, ``raw``."""
-    columns = ["reason", "folder_dt", "raw"]
+    quarantined = F.col("owned") & (F.col("status") == transforms.QUARANTINED)
     parts = [
-        impressions.select(F.lit("impressions").alias("log"), *columns),
-        clicks.where(F.col("owned") & (F.col("status") == transforms.QUARANTINED)).select(
-            F.lit("clicks").alias("log"), *columns
-        ),
-        conversions.where(F.col("owned") & (F.col("status") == transforms.QUARANTINED)).select(
-            F.lit("conversions").alias("log"), *columns
-        ),
+        impressions.select(F.lit("impressions").alias("log"), "reason", "folder_dt", "raw"),
+        *[
+            frame.where(quarantined).select(
+                F.lit(log).alias("log"), "reason", "folder_dt", record_text(log).alias("raw")
+            )
+            for log, frame in (("clicks", clicks), ("conversions", conversions))
+        ],
     ]
     return parts[0].unionByName(parts[1]).unionByName(parts[2])

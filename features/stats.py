@@ -11,14 +11,21 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig
 from esmm.schema import CLICK, CONVERSION
-from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED
+from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
 
-__all__ = ["conservation_problems", "event_log_counts", "impression_counts", "table_stats"]
+__all__ = [
+    "conservation_problems",
+    "event_log_counts",
+    "impression_counts",
+    "impression_metrics",
+    "table_metrics",
+    "table_stats",
+]
 
 
 def _counts(
@@ -61,24 +68,50 @@ def event_log_counts(records: DataFrame) -> dict[str, Any]:
     return counts
 
 
-def impression_counts(
-    parsed: DataFrame, valid: DataFrame, quarantined: DataFrame
-) -> dict[str, Any]:
-    """Counts of the impressions log: lines read, distinct valid ids, quarantined, merged.
+def impression_metrics() -> list[Column]:
+    """Aggregates over :func:`features.transforms.rank_impressions`' rows that
+    :func:`impression_counts` turns into the log's counts (for ``DataFrame.observe``)."""
 
-    The table's row count is checked against ``output`` by :func:`conservation_problems`.
+    def rows(condition: Column) -> Column:
+        return F.sum(condition.cast("long"))
+
+    return [
+        F.count(F.lit(1)).alias("records"),
+        rows(F.col("copy") == 1).alias("output"),
+        rows(F.col("copy") > 1).alias("deduplicated"),
+        *[
+            rows(F.col("reason") == reason).alias(reason)
+            for reason in (Reason.MALFORMED, Reason.MISSING_KEY)
+        ],
+    ]
+
+
+def impression_counts(metrics: dict[str, Any], lines: int) -> dict[str, Any]:
+    """Counts of the impressions log from :func:`impression_metrics`' values.
+
+    ``input`` is the number of lines in the day's files, counted apart from the parsing, so a
+    line the parser dropped or split makes the conservation check fail; ``records`` is what
+    the parser returned. ``output`` is the number of distinct valid ids; the table's row
+    count is checked against it by :func:`conservation_problems`.
     """
-    input_rows = parsed.count()
-    valid_counts = valid.agg(F.count(F.lit(1)), F.sum(F.col("copies") - 1)).first()
-    output, dedup = valid_counts[0], valid_counts[1] or 0
-    reasons = quarantined.groupBy("reason").count().collect()
-    by_status = [(OUTPUT, None, output), (DEDUPLICATED, "duplicate_event_id", dedup)]
-    by_status += [(QUARANTINED, r["reason"], r["count"]) for r in reasons]
-    return _counts(input_rows, by_status)
+    by_status = [
+        (OUTPUT, None, metrics["output"] or 0),
+        (DEDUPLICATED, Reason.DUPLICATE_EVENT, metrics["deduplicated"] or 0),
+    ]
+    by_status += [
+        (QUARANTINED, reason, metrics[reason] or 0)
+        for reason in (Reason.MALFORMED, Reason.MISSING_KEY)
+        if metrics[reason]
+    ]
+    counts = _counts(lines, by_status)
+    counts["records"] = metrics["records"]
+    counts["unclassified"] = metrics["records"] - sum(n for _, _, n in by_status)
+    return counts
 
 
-def table_stats(table: DataFrame, fields: FieldsConfig) -> dict[str, Any]:
-    """Rows, label rates (CTR, CVR, CTCVR) and the share of id 0 per field, in one pass."""
+def table_metrics(fields: FieldsConfig) -> list[Column]:
+    """Aggregates over the feature table that :func:`table_stats` reads (for
+    ``DataFrame.observe``): rows, label sums and the share of id 0 per field."""
     aggregates = [
         F.count(F.lit(1)).alias("rows"),
         F.sum(CLICK).alias("clicks"),
@@ -89,11 +122,16 @@ def table_stats(table: DataFrame, fields: FieldsConfig) -> dict[str, Any]:
     ]
     for spec in fields.fields:
         if spec.kind == "multi":
-            empty = F.size(F.filter(spec.name, lambda x: x != 0)) == 0
+            empty = F.coalesce(F.array_max(spec.name), F.lit(0)) == 0  # ids are >= 0
         else:
             empty = F.col(spec.name) == 0
         aggregates.append(F.avg(empty.cast("double")).alias(spec.name))
-    row = table.agg(*aggregates).first().asDict()
+    return aggregates
+
+
+def table_stats(row: dict[str, Any], fields: FieldsConfig) -> dict[str, Any]:
+    """Rows, label rates (CTR, CVR, CTCVR) and the share of id 0 per field, from the values
+    of :func:`table_metrics`."""
     rows, clicks, conversions = row["rows"], row["clicks"] or 0, row["conversions"] or 0
     return {
         "rows": rows,

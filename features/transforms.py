@@ -2,15 +2,22 @@
 
 The steps, in order (see docs/DATA.md for the rules in prose):
 
-1. :func:`classify_impressions` — quarantine malformed / key-less impressions, deduplicate
-   by ``impression_id``.
-2. :func:`impression_days` — which day each known impression id belongs to (day D's and the
-   look-back days'), the basis of record ownership.
+1. :func:`classify_impressions` — quarantine malformed / key-less impressions.
+2. :func:`impression_lookup` — for the impression ids that clicks point to: the day each
+   belongs to (day D's or a look-back day's), the basis of record ownership, and its time.
 3. :func:`attribute_clicks` / :func:`attribute_conversions` — decide which build owns each
    click / conversion record, deduplicate by event id, apply the attribution windows and give
    every owned record a status (``output``, ``deduplicated``, ``quarantined``) and a reason.
-4. :func:`label_impressions` — ``click`` / ``conversion`` labels (conversion ⇒ click).
-5. :func:`hash_profile`, :func:`encode_features` — raw values → hashed integer ids.
+4. :func:`rank_impressions`, :func:`deduplicate_impressions` — one row per
+   ``impression_id``, partitioned and sorted the way the table is written (the day's only
+   shuffle of the impressions).
+5. :func:`label_impressions` — ``click`` / ``conversion`` labels (conversion ⇒ click).
+6. :func:`hash_profile`, :func:`encode_features` — raw values → hashed integer ids.
+
+**Cost.** The impressions are the big input. They are read twice: once cut down to the few
+percent that attribution and the quarantine need (:func:`narrow_impressions`), once for the
+table, shuffled once (step 4); everything else joins to them through broadcasts of the
+(much smaller) click-side frames.
 
 **Ownership.** Several days' builds read the same click / conversion folder (late events), so
 each record is owned by exactly one build: the day of the impression it points to (through
@@ -29,7 +36,7 @@ from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig, FieldSpec
 from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
-from features.raw import LOG_KEYS
+from features.raw import LOG_KEYS, record_text
 
 __all__ = [
     "DEDUPLICATED",
@@ -39,12 +46,15 @@ __all__ = [
     "attribute_clicks",
     "attribute_conversions",
     "classify_impressions",
+    "deduplicate_impressions",
     "encode_features",
     "hash_bag",
     "hash_id",
     "hash_profile",
-    "impression_days",
+    "impression_lookup",
     "label_impressions",
+    "narrow_impressions",
+    "rank_impressions",
 ]
 
 OUTPUT = "output"
@@ -77,55 +87,118 @@ def _missing_key(log: str) -> Column:
     return reduce(lambda a, b: a | b, [F.col(k).isNull() for k in LOG_KEYS[log]])
 
 
-def classify_impressions(impressions: DataFrame) -> tuple[DataFrame, DataFrame]:
-    """Split parsed impressions into valid (deduplicated) ones and quarantined ones.
-
-    Args:
-        impressions: the output of :func:`features.raw.parse_lines` for one day.
-
-    Returns:
-        ``(valid, quarantined)``: ``valid`` has one row per ``impression_id`` (the copy with
-        the smallest ``(ts, …)`` among repeats, a deterministic choice) and ``copies``, the
-        number of records with that id (``copies - 1`` were deduplicated);
-        ``quarantined`` has ``folder_dt``, ``raw``, ``reason``.
-    """
-    reason = F.when(F.col("malformed"), Reason.MALFORMED).when(
+def _impression_reason() -> Column:
+    return F.when(F.col("malformed"), Reason.MALFORMED).when(
         _missing_key("impressions"), Reason.MISSING_KEY
     )
-    tagged = impressions.withColumn("reason", reason)
-    quarantined = tagged.where(F.col("reason").isNotNull()).select("folder_dt", "raw", "reason")
-    payload = [
-        c for c in impressions.columns if c not in ("folder_dt", "raw", "malformed", IMPRESSION_ID)
-    ]
-    # A hash aggregate with partial aggregation is cheaper than a window sort over all rows.
-    valid = (
-        tagged.where(F.col("reason").isNull())
-        .groupBy(IMPRESSION_ID)
-        .agg(F.min(F.struct(*payload)).alias("_first"), F.count(F.lit(1)).alias("copies"))
-        .select(IMPRESSION_ID, "_first.*", "copies")
+
+
+def classify_impressions(impressions: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Split parsed impressions into valid ones and quarantined ones.
+
+    Args:
+        impressions: the output of :func:`features.raw.read_log` (or a subset of its rows).
+
+    Returns:
+        ``(valid, quarantined)``: ``valid`` has ``impression_id`` and the payload columns of
+        every record with its keys, repeats included; ``quarantined`` has ``folder_dt``,
+        ``raw``, ``reason``.
+    """
+    tagged = impressions.withColumn("reason", _impression_reason())
+    quarantined = tagged.where(F.col("reason").isNotNull()).select(
+        "folder_dt", record_text("impressions").alias("raw"), "reason"
     )
+    valid = tagged.where(F.col("reason").isNull()).drop("folder_dt", "raw", "malformed", "reason")
     return valid, quarantined
 
 
-def impression_days(today: DataFrame, day: str, lookback: DataFrame | None) -> DataFrame:
-    """Which day each known impression id belongs to.
+def _referenced(clicks: DataFrame) -> DataFrame:
+    """The distinct impression ids that click records name, marked for a broadcast."""
+    return F.broadcast(
+        clicks.select(IMPRESSION_ID).where(F.col(IMPRESSION_ID).isNotNull()).distinct()
+    )
+
+
+def narrow_impressions(impressions: DataFrame, clicks: DataFrame) -> DataFrame:
+    """The day's impression records that attribution and the quarantine need, in one pass:
+    every malformed or key-less record, and every record whose id some click names.
+
+    A few percent of the day: the rest of the records only matter to the table, which reads
+    the day again (:func:`rank_impressions`). Same columns as ``impressions``.
+    """
+    named = _referenced(clicks).withColumn("_named", F.lit(True))
+    keep = F.col("malformed") | _missing_key("impressions") | F.col("_named").isNotNull()
+    return impressions.join(named, IMPRESSION_ID, "left").where(keep).drop("_named")
+
+
+def rank_impressions(impressions: DataFrame, partitions: int) -> DataFrame:
+    """Every parsed impression record with ``reason`` and ``copy``, laid out as the table is
+    written: hash-partitioned on ``impression_id`` into ``partitions`` partitions and, within
+    each, ordered by ``(xxhash64(impression_id), impression_id)`` — a deterministic order.
+
+    ``copy`` numbers the valid records of one id by their payload ``(ts, …)``: 1 is the copy
+    the table keeps (a deterministic choice), 2.. are repeats (deduplicated); it is null for
+    quarantined records (``reason`` set). This is the day's one shuffle of the impressions;
+    the label and profile joins after it are broadcasts and keep the layout.
+    """
+    payload = [
+        c for c in impressions.columns if c not in ("folder_dt", "raw", "malformed", IMPRESSION_ID)
+    ]
+    tagged = impressions.withColumn("reason", _impression_reason()).withColumn(
+        "_bucket", F.xxhash64(IMPRESSION_ID)
+    )
+    # The hash leads the sort: ids share long prefixes ("imp-20240101-..."), which makes a
+    # sort on the id itself compare whole strings; a 64-bit key sorts on its prefix alone.
+    # Valid records come first (false < true), so their numbers are 1, 2, ...
+    order = Window.partitionBy("_bucket", IMPRESSION_ID).orderBy(
+        F.col("reason").isNotNull(), *payload
+    )
+    return (
+        tagged.repartition(partitions, IMPRESSION_ID)
+        .withColumn("_n", F.row_number().over(order))
+        .withColumn("copy", F.when(F.col("reason").isNull(), F.col("_n")))
+        .drop("_n", "_bucket")
+    )
+
+
+def deduplicate_impressions(ranked: DataFrame) -> DataFrame:
+    """The copy of each valid impression id that the table keeps, from
+    :func:`rank_impressions`: ``impression_id`` and the payload columns."""
+    return ranked.where(F.col("copy") == 1).drop("folder_dt", "raw", "malformed", "reason", "copy")
+
+
+def impression_lookup(
+    today: DataFrame, day: str, lookback: DataFrame | None, clicks: DataFrame
+) -> DataFrame:
+    """Day and time of the impressions that some click points to.
 
     Args:
-        today: day ``day``'s valid impressions (``impression_id``).
+        today: day ``day``'s valid impressions (``impression_id``, ``ts``; repeats allowed).
         day: the build's day, ``YYYY-MM-DD``.
         lookback: parsed impressions of the look-back days (``impression_id``, ``ts``,
             ``malformed``, ``folder_dt``) or None.
+        clicks: parsed click records (``impression_id``).
 
     Returns:
-        ``impression_id``, ``imp_day`` — the earliest known day when an id repeats across days.
+        ``impression_id``, ``imp_day`` (the earliest known day when an id repeats across
+        days) and ``imp_ts`` (its earliest time on ``day``; null when not seen on ``day``),
+        one row per id that a click names. Clicks are few, impressions many: the impression
+        side is cut down to those ids with a broadcast semi-join before anything is shuffled.
     """
-    days = today.select(IMPRESSION_ID, F.lit(day).alias("imp_day"))
-    if lookback is None:
-        return days  # ``today`` is already one row per id: no shuffle needed
-    earlier = lookback.where(~F.col("malformed") & ~_missing_key("impressions")).select(
-        IMPRESSION_ID, F.col("folder_dt").alias("imp_day")
+    referenced = _referenced(clicks)
+    seen = today.select(IMPRESSION_ID, F.lit(day).alias("imp_day"), F.col("ts").alias("_ts"))
+    if lookback is not None:
+        earlier = lookback.where(~F.col("malformed") & ~_missing_key("impressions")).select(
+            IMPRESSION_ID,
+            F.col("folder_dt").alias("imp_day"),
+            F.lit(None).cast("long").alias("_ts"),
+        )
+        seen = seen.unionByName(earlier)
+    return (
+        seen.join(referenced, IMPRESSION_ID, "left_semi")
+        .groupBy(IMPRESSION_ID)
+        .agg(F.min("imp_day").alias("imp_day"), F.min("_ts").alias("imp_ts"))
     )
-    return days.unionByName(earlier).groupBy(IMPRESSION_ID).agg(F.min("imp_day").alias("imp_day"))
 
 
 def _owner(parent_day: str, horizon: int) -> Column:
@@ -158,8 +231,7 @@ def _event_status(nth: str) -> Column:
 
 def attribute_clicks(
     clicks: DataFrame,
-    days_of_impressions: DataFrame,
-    impressions_today: DataFrame,
+    lookup: DataFrame,
     day: str,
     horizon: int,
     click_window_s: int,
@@ -168,8 +240,7 @@ def attribute_clicks(
 
     Args:
         clicks: parsed click records of folders ``day - horizon .. day + horizon``.
-        days_of_impressions: output of :func:`impression_days`.
-        impressions_today: ``impression_id``, ``ts`` of the day's valid impressions.
+        lookup: output of :func:`impression_lookup` for these clicks.
         day: the build's day.
         horizon: look-ahead / look-back in days (``AttributionConfig.horizon_days``).
         click_window_s: a click counts only this many seconds after its impression.
@@ -181,13 +252,7 @@ def attribute_clicks(
         ``deduplicated`` as ``repeat_click_on_impression``; conversions may use any of them).
     """
     invalid = F.col("malformed") | _missing_key("clicks")
-    # Clicks are few, impressions many: cut the impression side down to the ids some click
-    # points to with a broadcast semi-join (no shuffle of the day), then join that small set.
-    referenced = F.broadcast(
-        clicks.select(IMPRESSION_ID).where(F.col(IMPRESSION_ID).isNotNull()).distinct()
-    )
-    clicked_days = days_of_impressions.join(referenced, IMPRESSION_ID, "left_semi")
-    joined = clicks.join(clicked_days, IMPRESSION_ID, "left").withColumn("_invalid", invalid)
+    joined = clicks.join(F.broadcast(lookup), IMPRESSION_ID, "left").withColumn("_invalid", invalid)
     joined = joined.withColumn(
         "owned",
         F.when(F.col("_invalid"), F.col("folder_dt") == day).otherwise(
@@ -195,14 +260,13 @@ def attribute_clicks(
         ),
     )
     joined = joined.withColumn("_owned_valid", F.col("owned") & ~F.col("_invalid"))
+    # Copies of one click id that agree on every field are interchangeable: which one is
+    # kept does not change the output.
     rank = F.when(
-        F.col("_owned_valid"), _first_per("click_id", "_owned_valid", ["ts", "folder_dt", "raw"])
+        F.col("_owned_valid"),
+        _first_per("click_id", "_owned_valid", ["ts", "folder_dt", IMPRESSION_ID]),
     )
     joined = joined.withColumn("_copy", rank)
-    today = impressions_today.select(IMPRESSION_ID, F.col("ts").alias("imp_ts")).join(
-        referenced, IMPRESSION_ID, "left_semi"
-    )
-    joined = joined.join(today, IMPRESSION_ID, "left")
     delay = F.col("ts") - F.col("imp_ts")
     via_impression = F.col("imp_day") == day
     reason = (
@@ -267,22 +331,20 @@ def attribute_conversions(
         ``impression_id`` of their attributed click (null when there is none).
     """
     valid_clicks = clicks.where(~F.col("malformed") & F.col("click_id").isNotNull())
-    click_days = (
-        valid_clicks.where(F.col("imp_day").isNotNull())
-        .where(_owner("imp_day", horizon) == F.col("imp_day"))
-        .groupBy("click_id")
-        .agg(F.min("imp_day").alias("click_day"))
+    through_impression = F.col("imp_day").isNotNull() & (
+        _owner("imp_day", horizon) == F.col("imp_day")
     )
-    known_clicks = valid_clicks.select("click_id").distinct().withColumn("_known", F.lit(True))
-    attributed = clicks.where("attributed").select(
-        "click_id", IMPRESSION_ID, F.col("ts").alias("click_ts")
+    # One row per click id: its impression day, and the click this build attributed (at most
+    # one record per id is: repeats are deduplicated first).
+    click_info = valid_clicks.groupBy("click_id").agg(
+        F.min(F.when(through_impression, F.col("imp_day"))).alias("click_day"),
+        F.lit(True).alias("_known"),
+        F.max(F.when(F.col("attributed"), F.col(IMPRESSION_ID))).alias("_impression"),
+        F.max(F.when(F.col("attributed"), F.col("ts"))).alias("click_ts"),
     )
     invalid = F.col("malformed") | _missing_key("conversions")
-    joined = (
-        conversions.join(click_days, "click_id", "left")
-        .join(known_clicks, "click_id", "left")
-        .join(attributed, "click_id", "left")
-        .withColumn("_invalid", invalid)
+    joined = conversions.join(F.broadcast(click_info), "click_id", "left").withColumn(
+        "_invalid", invalid
     )
     joined = joined.withColumn(
         "owned",
@@ -291,7 +353,7 @@ def attribute_conversions(
         ),
     )
     joined = joined.withColumn("_owned_valid", F.col("owned") & ~F.col("_invalid"))
-    rank = _first_per("conversion_id", "_owned_valid", ["ts", "folder_dt", "raw"])
+    rank = _first_per("conversion_id", "_owned_valid", ["ts", "folder_dt", "click_id"])
     joined = joined.withColumn("_copy", F.when(F.col("_owned_valid"), rank))
     via_click = F.coalesce(F.col("click_day") == day, F.lit(False))
     delay = F.col("ts") - F.col("click_ts")
@@ -311,7 +373,7 @@ def attribute_conversions(
     joined = joined.withColumn(
         "_nth",
         F.when(
-            F.col("_attributed"), _first_per(IMPRESSION_ID, "_attributed", ["ts", "conversion_id"])
+            F.col("_attributed"), _first_per("_impression", "_attributed", ["ts", "conversion_id"])
         ),
     )
     status = _event_status("_nth")
@@ -321,7 +383,7 @@ def attribute_conversions(
         "conversion_id",
         "click_id",
         "ts",
-        F.when(F.col("_attributed"), F.col(IMPRESSION_ID)).alias(IMPRESSION_ID),
+        F.when(F.col("_attributed"), F.col("_impression")).alias(IMPRESSION_ID),
         "owned",
         status.alias("status"),
         F.when(F.col("_nth") > 1, Reason.REPEAT_CONVERSION)
@@ -336,19 +398,20 @@ def label_impressions(
     """Add the ``click`` and ``conversion`` labels (int 0/1) to the day's valid impressions.
 
     ``click`` is 1 when an ``output`` click points to the impression (at most one does);
-    ``conversion`` when an ``output`` conversion does, and never without a click.
+    ``conversion`` when an ``output`` conversion does, and never without a click. The labels
+    (one row per clicked impression) are broadcast, so ``impressions`` keeps its layout.
     """
-    clicked = clicks.where(F.col("status") == OUTPUT).select(IMPRESSION_ID, F.lit(1).alias("_c"))
+    clicked = clicks.where(F.col("status") == OUTPUT).select(IMPRESSION_ID)
     converted = conversions.where(F.col("status") == OUTPUT).select(
         IMPRESSION_ID, F.lit(1).alias("_v")
     )
-    labelled = impressions.join(F.broadcast(clicked), IMPRESSION_ID, "left").join(
-        F.broadcast(converted), IMPRESSION_ID, "left"
+    labels = clicked.join(converted, IMPRESSION_ID, "left").select(
+        IMPRESSION_ID, F.lit(1).alias("_c"), F.coalesce(F.col("_v"), F.lit(0)).alias("_v")
     )
-    click = F.coalesce(F.col("_c"), F.lit(0)).cast("int")
+    labelled = impressions.join(F.broadcast(labels), IMPRESSION_ID, "left")
     return (
-        labelled.withColumn(CLICK, click)
-        .withColumn(CONVERSION, (F.coalesce(F.col("_v"), F.lit(0)) * click).cast("int"))
+        labelled.withColumn(CLICK, F.coalesce(F.col("_c"), F.lit(0)).cast("int"))
+        .withColumn(CONVERSION, F.coalesce(F.col("_v"), F.lit(0)).cast("int"))
         .drop("_c", "_v")
     )
 

@@ -1,7 +1,8 @@
 """The feature job: join, attribution, quarantine and hashing rules, and the real job end to end.
 
-Unit tests build raw JSON lines in memory (``spark.createDataFrame``) and run the pure
-transforms of :mod:`features.transforms` on them; the integration tests simulate two days
+Unit tests write a handful of raw JSON lines to a temp folder, read them with
+:func:`features.raw.read_log` (the job's reader) and run the pure transforms of
+:mod:`features.transforms` on them; the integration tests simulate two days
 with the ``tiny`` preset and run ``jobs/build_features.py`` for real.
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from pyspark.sql import functions as F
 from esmm.config import FieldsConfig, FieldSpec, load_config
 from features import stats, transforms
 from features.config import AttributionConfig, FeaturesConfig
-from features.raw import LOG_SCHEMAS, parse_lines
+from features.raw import count_lines, read_log
 from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
 
 # One shuffle partition and no code generation for the whole module (tests/conftest.py).
@@ -35,10 +37,31 @@ CLICK_WINDOW = 3600
 CONVERSION_WINDOW = 86400
 
 
-def _lines(spark, rows):
-    """``[(folder_dt, record-or-raw-string)]`` → a parsed-lines DataFrame's input."""
-    data = [(d, r if isinstance(r, str) else json.dumps(r)) for d, r in rows]
-    return spark.createDataFrame(data, "folder_dt string, raw string")
+@pytest.fixture(scope="module", autouse=True)
+def _lines_root(tmp_path_factory):
+    """Where :func:`_read` writes its folders (one module-wide temp dir)."""
+    global LINES_ROOT
+    LINES_ROOT = tmp_path_factory.mktemp("lines")
+
+
+LINES_ROOT: Path
+
+
+def _read(spark, log, rows):
+    """``[(folder_dt, record-or-raw-string)]`` → written as ``dt=`` folders of JSON lines and
+    read back with the job's reader."""
+    folders: dict[str, list[str]] = {}
+    for day, record in rows:
+        text = record if isinstance(record, str) else json.dumps(record)
+        folders.setdefault(day, []).append(text)
+    root = Path(tempfile.mkdtemp(dir=LINES_ROOT))
+    paths = {}
+    for day, lines in folders.items():
+        path = root / log / f"dt={day}"
+        path.mkdir(parents=True)
+        (path / "part-0.txt").write_text("\n".join(lines) + "\n")
+        paths[day] = str(path)
+    return read_log(spark, paths, log)
 
 
 def _imp(impression_id, ts=T0 + 100, user="u1", item="i1"):
@@ -55,22 +78,19 @@ def _imp(impression_id, ts=T0 + 100, user="u1", item="i1"):
 
 def _attribute(spark, impressions, clicks=(), conversions=(), lookback=()):
     """Run the attribution transforms for DAY; returns (valid, quarantined, clicks, conversions)."""
-    parsed = parse_lines(_lines(spark, [(DAY, r) for r in impressions]), LOG_SCHEMAS["impressions"])
+    parsed = _read(spark, "impressions", [(DAY, r) for r in impressions])
     valid, quarantined = transforms.classify_impressions(parsed)
-    before = None
-    if lookback:
-        before = parse_lines(_lines(spark, list(lookback)), LOG_SCHEMAS["impressions"])
-    days = transforms.impression_days(valid, DAY, before)
+    before = _read(spark, "impressions", list(lookback)) if lookback else None
+    click_lines = _read(spark, "clicks", list(clicks))
     click_records = transforms.attribute_clicks(
-        parse_lines(_lines(spark, list(clicks)), LOG_SCHEMAS["clicks"]),
-        days,
-        valid,
+        click_lines,
+        transforms.impression_lookup(valid, DAY, before, click_lines),
         DAY,
         HORIZON,
         CLICK_WINDOW,
     )
     conversion_records = transforms.attribute_conversions(
-        parse_lines(_lines(spark, list(conversions)), LOG_SCHEMAS["conversions"]),
+        _read(spark, "conversions", list(conversions)),
         click_records,
         DAY,
         HORIZON,
@@ -104,11 +124,81 @@ def test_impression_without_id_or_time_is_quarantined_as_missing_key(spark):
     assert sorted(r.reason for r in quarantined.collect()) == [Reason.MISSING_KEY] * 2
 
 
+def _ranked(spark, records, partitions=3):
+    return transforms.rank_impressions(
+        _read(spark, "impressions", [(DAY, r) for r in records]), partitions
+    )
+
+
 def test_duplicate_impression_is_deduplicated(spark):
-    valid, quarantined, _, _ = _attribute(spark, [_imp("a"), _imp("a"), _imp("b")])
-    counts = {r.impression_id: r.copies for r in valid.collect()}
-    assert counts == {"a": 2, "b": 1}
-    assert quarantined.count() == 0
+    copies = [_imp("a", ts=T0 + 7, item="late"), _imp("a", ts=T0 + 5, item="early"), _imp("b")]
+    ranked = _ranked(spark, [*copies, '{"impression_id": "a", "ts"', _imp("a", ts=None)])
+    kept = {
+        r.impression_id: r.item_id for r in transforms.deduplicate_impressions(ranked).collect()
+    }
+    assert kept == {"a": "early", "b": "i1"}  # the copy with the smallest (ts, ...) wins
+    metrics = ranked.agg(*stats.impression_metrics()).first().asDict()
+    counts = stats.impression_counts(metrics, lines=5)
+    assert (counts["output"], counts["deduplicated"], counts["quarantined"]) == (2, 1, 2)
+    assert counts["quarantined_by"] == {Reason.MALFORMED: 1, Reason.MISSING_KEY: 1}
+    assert counts["unclassified"] == 0 and counts["records"] == 5
+
+
+def test_a_line_the_parser_did_not_return_fails_the_accounting():
+    metrics = {"records": 4, "output": 3, "deduplicated": 1, Reason.MALFORMED: 0, "missing_key": 0}
+    counts = stats.impression_counts(metrics, lines=5)
+    log = {"input": 5, "output": 3, "quarantined": 0, "deduplicated": 1, "unclassified": 0}
+    assert {k: counts[k] for k in log} == log
+    table = {"rows": 3, "clicks": 0, "conversions": 0, "conversion_without_click": 0}
+    zero = {"input": 0, "output": 0, "quarantined": 0, "deduplicated": 0, "unclassified": 0}
+    day = {"logs": {"impressions": counts, "clicks": zero, "conversions": zero}, "table": table}
+    (problem,) = stats.conservation_problems(day)
+    assert problem.startswith("impressions: input 5 != output 3")
+
+
+def test_deduplicated_impressions_are_partitioned_by_id_in_a_deterministic_order(spark):
+    ids = [f"imp-{i:03d}" for i in range(40)]
+    ranked = _ranked(spark, [_imp(i) for i in reversed(ids)] + [_imp("imp-007")], partitions=4)
+    deduplicated = transforms.deduplicate_impressions(ranked)
+    assert deduplicated.rdd.getNumPartitions() == 4
+    parts = deduplicated.rdd.glom().map(lambda rows: [r.impression_id for r in rows]).collect()
+    assert sorted(i for part in parts for i in part) == ids
+    again = _ranked(spark, [_imp(i) for i in ids] + [_imp("imp-007")], partitions=4)
+    assert (
+        transforms.deduplicate_impressions(again)
+        .rdd.glom()
+        .map(lambda rows: [r.impression_id for r in rows])
+        .collect()
+        == parts
+    )
+
+
+def test_reader_flags_every_kind_of_bad_line_and_counts_lines(spark, tmp_path):
+    folder = tmp_path / "impressions" / f"dt={DAY}"
+    folder.mkdir(parents=True)
+    lines = [
+        json.dumps(_imp("ok")),
+        '{"impression_id": "cut", "ts"',  # truncated
+        "",  # blank
+        "   ",  # blank
+        "not json",
+        "42",  # JSON, not an object
+        json.dumps({**_imp("typed"), "ts": "yesterday"}),  # wrong type
+        json.dumps({"ts": T0}),  # parses, key missing: not malformed
+    ]
+    (folder / "part-0.txt").write_text("\n".join(lines) + "\n")
+    rows = read_log(spark, {DAY: str(folder)}, "impressions").collect()
+    assert count_lines(spark, str(folder)) == len(lines) == len(rows)
+    malformed = sorted(r.raw for r in rows if r.malformed)
+    assert malformed == sorted(lines[1:7])
+    assert {r.impression_id for r in rows if not r.malformed} == {"ok", None}
+    assert all(r.folder_dt == DAY for r in rows)
+
+
+def test_quarantined_record_keeps_its_line_or_its_parsed_fields(spark):
+    _, quarantined, _, _ = _attribute(spark, ['{"impression_id": "b", "ts"', {"ts": T0}])
+    raws = {r.raw for r in quarantined.collect()}
+    assert raws == {'{"impression_id": "b", "ts"', json.dumps({"ts": T0}, separators=(",", ":"))}
 
 
 # --- clicks ------------------------------------------------------------------------------
