@@ -72,12 +72,14 @@ def build_day(
         if not io.exists(spark, path):
             raise InputError(f"no {log} snapshot for {day}: {path} does not exist")
 
-    lines = count_lines(spark, impressions_folder)
+    lines, blank_lines = count_lines(spark, impressions_folder)
     if lines == 0:
         raise InputError(f"no impressions for {day}: {impressions_folder} is empty")
 
     keep = StorageLevel.MEMORY_AND_DISK
     impressions = read_log(spark, {day: impressions_folder}, "impressions")
+    # The table's pass skips blank lines (they are counted above and quarantined from pass 1).
+    for_table = read_log(spark, {day: impressions_folder}, "impressions", blank_lines=False)
     click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
     click_lines = read_log(spark, click_folders, "clicks").persist(keep)
     # Pass 1 over the day: only the records attribution and the quarantine need (a few %).
@@ -117,7 +119,7 @@ def build_day(
     # values count once), not computed by more passes.
     files = max(config.output.min_row_groups, math.ceil(lines / config.output.rows_per_row_group))
     impression_seen = Observation("impressions")
-    ranked = transforms.rank_impressions(impressions, files).observe(
+    ranked = transforms.rank_impressions(for_table, files).observe(
         impression_seen, *stats.impression_metrics()
     )
     labelled = transforms.label_impressions(
@@ -146,7 +148,7 @@ def build_day(
     day_stats: dict[str, Any] = {
         "dt": day,
         "logs": {
-            "impressions": stats.impression_counts(impression_seen.get, lines),
+            "impressions": stats.impression_counts(impression_seen.get, lines, blank_lines),
             "clicks": stats.event_log_counts(clicks),
             "conversions": stats.event_log_counts(conversions),
         },

@@ -72,17 +72,24 @@ LOG_KEYS = {
 }
 
 
-def count_lines(spark: SparkSession, path: str) -> int:
-    """Lines in the text files of ``path``: the input count the accounting starts from."""
-    return spark.read.text(path).count()
+def count_lines(spark: SparkSession, path: str) -> tuple[int, int]:
+    """Lines in the text files of ``path``, and how many of them are blank: the input count
+    the accounting starts from, in one pass over the text."""
+    blank = (F.trim(F.col("value")) == "").cast("long")
+    row = spark.read.text(path).agg(F.count(F.lit(1)), F.sum(blank)).first()
+    return row[0], row[1] or 0
 
 
-def read_log(spark: SparkSession, folders: dict[str, str], log: str) -> DataFrame:
+def read_log(
+    spark: SparkSession, folders: dict[str, str], log: str, blank_lines: bool = True
+) -> DataFrame:
     """Parse the JSON lines of several ``dt=`` folders of ``log``, each tagged with its day.
 
     Args:
         folders: ``{"YYYY-MM-DD": path}``; every path must exist.
         log: ``impressions``, ``clicks`` or ``conversions`` (see :data:`LOG_SCHEMAS`).
+        blank_lines: also return the blank lines (a second, cheap pass over the text); a
+            caller that counts them with :func:`count_lines` may skip them.
 
     Returns:
         ``folder_dt`` (string), ``raw`` (the line when malformed, else null), every column of
@@ -109,6 +116,8 @@ def read_log(spark: SparkSession, folders: dict[str, str], log: str) -> DataFram
                 F.col(_CORRUPT).isNotNull().alias("malformed"),
             )
         )
+        if not blank_lines:
+            continue
         blank = spark.read.text(path).where(F.trim(F.col("value")) == "")
         frames.append(
             blank.select(

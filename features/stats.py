@@ -86,14 +86,17 @@ def impression_metrics() -> list[Column]:
     ]
 
 
-def impression_counts(metrics: dict[str, Any], lines: int) -> dict[str, Any]:
-    """Counts of the impressions log from :func:`impression_metrics`' values.
+def impression_counts(metrics: dict[str, Any], lines: int, blank_lines: int = 0) -> dict[str, Any]:
+    """Counts of the impressions log from :func:`impression_metrics`' values, over records
+    read without the blank lines, which are added (as malformed) from ``blank_lines``.
 
     ``input`` is the number of lines in the day's files, counted apart from the parsing, so a
     line the parser dropped or split makes the conservation check fail; ``records`` is what
     the parser returned. ``output`` is the number of distinct valid ids; the table's row
     count is checked against it by :func:`conservation_problems`.
     """
+    metrics = {**metrics, "records": metrics["records"] + blank_lines}
+    metrics[Reason.MALFORMED] = (metrics[Reason.MALFORMED] or 0) + blank_lines
     by_status = [
         (OUTPUT, None, metrics["output"] or 0),
         (DEDUPLICATED, Reason.DUPLICATE_EVENT, metrics["deduplicated"] or 0),

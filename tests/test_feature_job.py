@@ -188,7 +188,9 @@ def test_reader_flags_every_kind_of_bad_line_and_counts_lines(spark, tmp_path):
     ]
     (folder / "part-0.txt").write_text("\n".join(lines) + "\n")
     rows = read_log(spark, {DAY: str(folder)}, "impressions").collect()
-    assert count_lines(spark, str(folder)) == len(lines) == len(rows)
+    assert count_lines(spark, str(folder)) == (len(lines), 2) and len(rows) == len(lines)
+    without_blank = read_log(spark, {DAY: str(folder)}, "impressions", blank_lines=False)
+    assert without_blank.count() == len(lines) - 2
     malformed = sorted(r.raw for r in rows if r.malformed)
     assert malformed == sorted(lines[1:7])
     assert {r.impression_id for r in rows if not r.malformed} == {"ok", None}
