@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         (day,) = make_table(Path(tmp), args.rows)
         compute = compute_only_samples_per_s(
-            fields, min(args.rows, 500_000), args.batch_size, device=device
+            fields, batch_size=args.batch_size, device=device, source=(Path(tmp), day)
         )
         rows = []
         for workers in sorted({1, args.reader_workers}):

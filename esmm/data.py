@@ -7,11 +7,13 @@ asks for ``train_batches(...)`` (shuffled, sharded, as tensors) and ``eval_batch
 Why ``make_batch_reader``: Petastorm's row-by-row ``DataLoader`` collates in Python (4.6 s
 for 2M rows here) while the batched reader hands whole row groups over as numpy arrays.
 Multi-valued fields are stored padded to a fixed length (:mod:`esmm.schema`), so each is
-viewed as one ``[rows, max_len]`` array (:func:`_use_fast_list_conversion`). Batches are
-assembled as Petastorm 0.12's ``BatchedDataLoader`` assembles them (same shuffling buffer,
-same random draws) but with a few tensor operations per batch instead of one per column
-(:func:`_shuffled_batches`): the input runs in a thread beside the training step and every
-Python-level operation it makes competes with the step for the GIL (issue #8).
+viewed as one ``[rows, max_len]`` array, and plain numeric columns are taken zero-copy
+rather than through pandas (:func:`_use_fast_list_conversion`). Batches are assembled as
+Petastorm 0.12's ``BatchedDataLoader`` assembles them (same shuffling buffer, same random
+draws) but with a few tensor operations per several batches instead of one per column and
+batch, already in the model's dtypes (:func:`_shuffled_batches`): the input runs in a thread
+beside the training step and every Python-level operation it makes competes with the step
+for the GIL (issue #8).
 
 Sharding: ``cur_shard=rank, shard_count=size`` gives each rank whole row groups, so shards
 are uneven in general; the trainer ends each epoch on every rank together (an allreduced
@@ -228,8 +230,10 @@ def _use_fast_list_conversion(reader) -> None:
     one small array per row) and ``np.vstack`` of those: 60% of the input's time here, spent
     holding the GIL in the thread that iterates the reader, i.e. beside the training step.
     The padded multi-valued fields (:mod:`esmm.schema`) are one flat Arrow buffer; viewing it
-    as ``[rows, max_len]`` gives the same array for a small fraction of the cost. Petastorm is
-    pinned (pyproject.toml); a reader of another kind than 0.12's Arrow reader is left alone.
+    as ``[rows, max_len]`` gives the same array for a small fraction of the cost. Plain
+    numeric columns without nulls are likewise viewed zero-copy instead of going through a
+    pandas Series. Petastorm is pinned (pyproject.toml); a reader of another kind than
+    0.12's Arrow reader is left alone.
     """
     from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
 
@@ -237,11 +241,14 @@ def _use_fast_list_conversion(reader) -> None:
         reader._results_queue_reader = _fast_list_results_reader_class()()
 
 
-def _fixed_length_list_to_numpy(array) -> np.ndarray | None:
+def _numeric_column_to_numpy(array) -> np.ndarray | None:
     """The ``[rows, length]`` numpy view of a list array whose rows all hold ``length``
-    non-null numbers; None for any other array (left to Petastorm's conversion)."""
+    non-null numbers, or the ``[rows]`` view of an array of non-null numbers; None for any
+    other array (left to Petastorm's conversion, which goes through pandas)."""
     import pyarrow as pa
 
+    if pa.types.is_integer(array.type) or pa.types.is_floating(array.type):
+        return array.to_numpy() if len(array) and not array.null_count else None
     if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
         return None
     value_type = array.type.value_type
@@ -266,9 +273,9 @@ def _fast_list_results_reader_class() -> type:
     from petastorm.workers_pool import EmptyResultError
 
     class FastListResultsReader(ArrowReaderWorkerResultsQueueReader):
-        """Petastorm's results reader, with fixed-length numeric list columns converted by
-        :func:`_fixed_length_list_to_numpy`; other columns are converted as Petastorm's
-        ``read_next`` converts them."""
+        """Petastorm's results reader, with numeric columns and fixed-length numeric list
+        columns converted by :func:`_numeric_column_to_numpy`; other columns are converted as
+        Petastorm's ``read_next`` converts them."""
 
         def read_next(self, workers_pool, schema, ngram):
             assert not ngram, "ArrowReader does not support ngrams for now"
@@ -280,9 +287,9 @@ def _fast_list_results_reader_class() -> type:
             for name in table.column_names:
                 column = table.column(name)
                 if column.num_chunks == 1:
-                    values = _fixed_length_list_to_numpy(column.chunks[0])
+                    values = _numeric_column_to_numpy(column.chunks[0])
                 else:
-                    values = _fixed_length_list_to_numpy(column.combine_chunks())
+                    values = _numeric_column_to_numpy(column.combine_chunks())
                 if values is None:
                     columns[name] = _petastorm_column_to_numpy(column, table.column(0))
                     continue
@@ -317,12 +324,17 @@ def _petastorm_column_to_numpy(column, first_column) -> np.ndarray:
     return values
 
 
-def _to_tensors(batch: dict[str, torch.Tensor], fields: FieldsConfig) -> dict[str, torch.Tensor]:
+def _batch_dtypes(fields: FieldsConfig) -> dict[str, torch.dtype]:
     """Labels as float32 (BCE targets), ids as int64 (embedding indices)."""
-    out = {label: batch[label].to(torch.float32) for label in schema.LABELS}
-    for spec in fields.fields:
-        out[spec.name] = batch[spec.name].to(torch.int64)
-    return out
+    return {
+        **{label: torch.float32 for label in schema.LABELS},
+        **{spec.name: torch.int64 for spec in fields.fields},
+    }
+
+
+def _to_tensors(batch: dict[str, torch.Tensor], fields: FieldsConfig) -> dict[str, torch.Tensor]:
+    """A batch of Petastorm's loader with the dtypes of :func:`_batch_dtypes`."""
+    return {name: batch[name].to(dtype) for name, dtype in _batch_dtypes(fields).items()}
 
 
 @contextlib.contextmanager
@@ -354,8 +366,9 @@ def train_batches(
     )
     with reader:
         rows = (row._asdict() for row in reader)
-        shuffled = _shuffled_batches(rows, cfg.batch_size, cfg.shuffle_queue_rows)
-        batches = (_to_tensors(batch, fields) for batch in shuffled)
+        batches = _shuffled_batches(
+            rows, cfg.batch_size, cfg.shuffle_queue_rows, _batch_dtypes(fields)
+        )
         if cfg.prefetch_batches:
             with _Prefetcher(batches, cfg.prefetch_batches) as prefetched:
                 yield prefetched
@@ -364,25 +377,32 @@ def train_batches(
 
 
 def _shuffled_batches(
-    row_groups: Iterator[dict[str, np.ndarray]], batch_size: int, queue_rows: int
+    row_groups: Iterator[dict[str, np.ndarray]],
+    batch_size: int,
+    queue_rows: int,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` rows (the last may be smaller) from row-group dicts.
 
     The batches of Petastorm 0.12's ``BatchedDataLoader`` (same random draws from torch's
     global RNG, so the same rows in the same order), assembled with a few tensor operations
-    per batch instead of one per column: columns of one dtype and row shape are held as one
-    ``[columns, rows, ...]`` tensor. Petastorm's buffer indexes each of the 17 columns on its
-    own for every batch, holding the GIL beside the training step each time.
+    per several batches instead of one per column and batch: columns of one dtype and row
+    shape are held as one ``[rows, columns, ...]`` tensor, and the batches drawn from one
+    permutation are gathered :data:`_GATHER_BATCHES` at a time. Petastorm's buffer indexes
+    each of the 17 columns on its own for every batch; every such call is a hand-over of the
+    GIL with the training step beside it (issue #8).
 
     With ``queue_rows`` > 0 (Petastorm's ``BatchedRandomShufflingBuffer``): once the buffer
     holds ``queue_rows + batch_size - 1`` rows, one ``randperm`` of its rows is sliced into
     batches until it holds fewer; the rest is compacted and the next row group appended. With
     0 (``BatchedNoopShufflingBuffer``): the rows in the order read, in ``batch_size`` slices.
+    ``dtypes`` (column → dtype) converts columns as their rows enter the buffer, once per row
+    group rather than once per batch.
     """
     if queue_rows <= 0:
-        yield from _sequential_batches(row_groups, batch_size)
+        yield from _sequential_batches(row_groups, batch_size, dtypes)
         return
-    buffer = _GroupedColumns()
+    buffer = _GroupedColumns(dtypes)
     capacity = queue_rows - 1 + batch_size  # Petastorm's shuffling_queue_capacity
     retrieve_at = capacity - 1  # its can_retrieve: size >= min_after_dequeue + batch_size - 1
     size = 0
@@ -405,71 +425,109 @@ def _shuffled_batches(
             order, head = None, 0
             buffer.append(columns, size, new_capacity)
             size += rows
-        while size >= retrieve_at or (done and size > 0):
-            take = min(batch_size, size)
+        # The batches Petastorm retrieves before the next row group is added: consecutive
+        # slices of one permutation, all full but (at the end) the last.
+        if done:
+            full, last = divmod(size, batch_size)
+        else:
+            full, last = max(0, (size - retrieve_at) // batch_size + 1), 0
+        if full or last:
             if order is None:
                 order, head = torch.randperm(size), 0
-            yield buffer.take(order[head : head + take])
-            head += take
-            size -= take
+            for start in range(0, full, _GATHER_BATCHES):
+                count = min(_GATHER_BATCHES, full - start)
+                yield from buffer.take(order[head : head + count * batch_size], count)
+                head += count * batch_size
+            if last:
+                yield from buffer.take(order[head : head + last], 1)
+                head += last
+            size -= full * batch_size + last
         if done:
             return
+
+
+# Batches gathered by one call of _GroupedColumns.take: fewer tensor operations (GIL
+# hand-overs) per batch, while the gathered block (~1 MiB per dtype group) stays in cache.
+_GATHER_BATCHES = 8
 
 
 class _GroupedColumns:
     """The buffer's columns in ``[capacity, columns, ...]`` tensors, one per (dtype, row shape).
 
     Row-major, so that taking or keeping rows is one ``index_select`` of dimension 0 per group
-    (along dimension 1 of a column-major block it is ~10x slower in torch 2.13); each batch
-    is turned column-major once, so that every column handed out is contiguous.
+    (along dimension 1 of a column-major block it is ~10x slower in torch 2.13); each gathered
+    block is turned column-major once, so that every column handed out is contiguous.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtypes: dict[str, torch.dtype] | None = None) -> None:
+        self._dtypes = dtypes or {}
         self._groups: dict[tuple, torch.Tensor] = {}
-        self._where: dict[str, tuple[tuple, int]] = {}  # column -> (group key, index in it)
+        self._members: dict[tuple, list[str]] = {}  # group key -> its columns, in order
+        self._where: list[tuple[str, int, int]] = []  # (column, group number, index in it)
 
     def append(self, columns: dict[str, torch.Tensor], at: int, capacity: int) -> None:
         """Write ``columns`` at row ``at``, first growing the buffer to ``capacity`` rows."""
-        if not self._where:
-            counts: dict[tuple, int] = {}
+        if not self._members:
             for name, column in columns.items():
-                key = (column.dtype, tuple(column.shape[1:]))
-                self._where[name] = (key, counts.get(key, 0))
-                counts[key] = counts.get(key, 0) + 1
+                key = (self._dtypes.get(name, column.dtype), tuple(column.shape[1:]))
+                self._members.setdefault(key, []).append(name)
             self._groups = {
-                key: torch.empty((capacity, count, *key[1]), dtype=key[0])
-                for key, count in counts.items()
+                key: torch.empty((capacity, len(names), *key[1]), dtype=key[0])
+                for key, names in self._members.items()
             }
+            numbers = {key: number for number, key in enumerate(self._members)}
+            self._where = [
+                (name, numbers[key], names.index(name))
+                for name in columns
+                for key, names in self._members.items()
+                if name in names
+            ]
         for key, group in self._groups.items():
             if len(group) < capacity:
                 grown = torch.empty((capacity, *group.shape[1:]), dtype=group.dtype)
                 grown[:at] = group[:at]
-                self._groups[key] = grown
-        for name, column in columns.items():
-            key, index = self._where[name]
-            self._groups[key][at : at + len(column), index] = column
+                self._groups[key] = group = grown
+            # one copy per group (converting the dtype if need be) into contiguous rows
+            members = [columns[name] for name in self._members[key]]
+            torch.stack(members, dim=1, out=group[at : at + len(members[0])])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Move ``rows`` (indices) to the front, in that order."""
         for group in self._groups.values():
             group[: len(rows)] = group.index_select(0, rows)
 
-    def take(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The columns of ``rows`` (indices), each a contiguous tensor."""
-        taken = {
-            key: group.index_select(0, rows).movedim(1, 0).contiguous()
-            for key, group in self._groups.items()
-        }
-        return {name: taken[key][index] for name, (key, index) in self._where.items()}
+    def take(self, rows: torch.Tensor, batches: int) -> list[dict[str, torch.Tensor]]:
+        """``rows`` (indices) as ``batches`` consecutive batches of equal size, each column a
+        contiguous tensor: per group one gather, one transpose and one split."""
+        size = len(rows) // batches
+        pieces = []
+        for group in self._groups.values():
+            block = group.index_select(0, rows).view(batches, size, *group.shape[1:])
+            pieces.append(
+                (group.shape[1], block.movedim(2, 1).contiguous().flatten(0, 1).unbind(0))
+            )
+        return [
+            {
+                name: pieces[number][1][batch * pieces[number][0] + index]
+                for name, number, index in self._where
+            }
+            for batch in range(batches)
+        ]
 
 
 def _sequential_batches(
-    row_groups: Iterator[dict[str, np.ndarray]], batch_size: int
+    row_groups: Iterator[dict[str, np.ndarray]],
+    batch_size: int,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Petastorm's ``BatchedNoopShufflingBuffer``: rows in order, leftovers carried over."""
+    dtypes = dtypes or {}
     pending: dict[str, torch.Tensor] = {}
     for group in row_groups:
-        columns = {k: _as_torch_column(v) for k, v in group.items()}
+        columns = {}
+        for name, values in group.items():
+            column = _as_torch_column(values)
+            columns[name] = column.to(dtypes.get(name, column.dtype))
         if pending:
             columns = {k: torch.cat([pending[k], v]) for k, v in columns.items()}
         rows = len(next(iter(columns.values())))

@@ -166,23 +166,25 @@ def test_train_batches_are_petastorms_batched_loader_batches(tmp_path, batch_siz
             assert torch.equal(tensor, theirs[name]), name
 
 
-def test_list_columns_convert_like_petastorm_and_odd_ones_are_left_to_it():
+def test_numeric_columns_convert_like_petastorm_and_odd_ones_are_left_to_it():
     import numpy as np
     import pyarrow as pa
 
-    from esmm.data import _fixed_length_list_to_numpy, _petastorm_column_to_numpy
+    from esmm.data import _numeric_column_to_numpy, _petastorm_column_to_numpy
 
     lists = pa.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], pa.list_(pa.int64()))
-    for array in (lists, lists.slice(1, 2)):
-        fast = _fixed_length_list_to_numpy(array)
+    scalars = [pa.array([3, 1, 2], pa.int32()), pa.array([0.5, 2.0], pa.float32())]
+    for array in (lists, lists.slice(1, 2), *scalars, scalars[0].slice(1)):
+        fast = _numeric_column_to_numpy(array)
         slow = _petastorm_column_to_numpy(pa.chunked_array([array]), pa.chunked_array([array]))
         assert fast.dtype == slow.dtype and np.array_equal(fast, slow)
-    assert _fixed_length_list_to_numpy(lists.slice(1, 2)).tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert _numeric_column_to_numpy(lists.slice(1, 2)).tolist() == [[4, 5, 6], [7, 8, 9]]
     for odd in (
         pa.array([[1, 2], [3]]),  # ragged
         pa.array([[1, 2], None]),  # a null row
         pa.array([[1, None], [3, 4]]),  # a null value
         pa.array([["a", "b"], ["c", "d"]]),  # not numbers
-        pa.array([1, 2]),  # not a list
+        pa.array([1, None]),  # a null number (pandas makes it a float NaN)
+        pa.array([True, False]),  # not numbers
     ):
-        assert _fixed_length_list_to_numpy(odd) is None
+        assert _numeric_column_to_numpy(odd) is None
