@@ -27,12 +27,15 @@ __all__ = [
     "IMPRESSION_SCHEMA",
     "LOG_KEYS",
     "LOG_SCHEMAS",
+    "READ_COLUMNS",
     "count_lines",
     "read_log",
     "record_text",
 ]
 
 _CORRUPT = "_corrupt_record"
+# The columns read_log returns besides the log's own fields.
+READ_COLUMNS = ("folder_dt", "raw", "malformed")
 
 IMPRESSION_SCHEMA = T.StructType(
     [
@@ -72,11 +75,15 @@ LOG_KEYS = {
 }
 
 
+def _blank() -> Column:
+    """A line of ``spark.read.text`` (column ``value``) that holds only whitespace."""
+    return F.trim(F.col("value")) == ""
+
+
 def count_lines(spark: SparkSession, path: str) -> tuple[int, int]:
     """Lines in the text files of ``path``, and how many of them are blank: the input count
     the accounting starts from, in one pass over the text."""
-    blank = (F.trim(F.col("value")) == "").cast("long")
-    row = spark.read.text(path).agg(F.count(F.lit(1)), F.sum(blank)).first()
+    row = spark.read.text(path).agg(F.count(F.lit(1)), F.sum(_blank().cast("long"))).first()
     return row[0], row[1] or 0
 
 
@@ -118,7 +125,7 @@ def read_log(
         )
         if not blank_lines:
             continue
-        blank = spark.read.text(path).where(F.trim(F.col("value")) == "")
+        blank = spark.read.text(path).where(_blank())
         frames.append(
             blank.select(
                 F.lit(day).alias("folder_dt"),

@@ -16,7 +16,13 @@ from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig
 from esmm.schema import CLICK, CONVERSION
-from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
+from features.transforms import (
+    DEDUPLICATED,
+    IMPRESSION_QUARANTINE_REASONS,
+    OUTPUT,
+    QUARANTINED,
+    Reason,
+)
 
 __all__ = [
     "conservation_problems",
@@ -81,7 +87,7 @@ def impression_metrics() -> list[Column]:
         rows(F.col("copy") > 1).alias("deduplicated"),
         *[
             rows(F.col("reason") == reason).alias(reason)
-            for reason in (Reason.MALFORMED, Reason.MISSING_KEY)
+            for reason in IMPRESSION_QUARANTINE_REASONS
         ],
     ]
 
@@ -103,7 +109,7 @@ def impression_counts(metrics: dict[str, Any], lines: int, blank_lines: int = 0)
     ]
     by_status += [
         (QUARANTINED, reason, metrics[reason] or 0)
-        for reason in (Reason.MALFORMED, Reason.MISSING_KEY)
+        for reason in IMPRESSION_QUARANTINE_REASONS
         if metrics[reason]
     ]
     counts = _counts(lines, by_status)

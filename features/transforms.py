@@ -36,10 +36,11 @@ from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig, FieldSpec
 from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
-from features.raw import LOG_KEYS, record_text
+from features.raw import LOG_KEYS, READ_COLUMNS, record_text
 
 __all__ = [
     "DEDUPLICATED",
+    "IMPRESSION_QUARANTINE_REASONS",
     "OUTPUT",
     "QUARANTINED",
     "Reason",
@@ -87,6 +88,10 @@ def _missing_key(log: str) -> Column:
     return reduce(lambda a, b: a | b, [F.col(k).isNull() for k in LOG_KEYS[log]])
 
 
+# The reasons an impression record is quarantined for, in the order they are checked.
+IMPRESSION_QUARANTINE_REASONS = (Reason.MALFORMED, Reason.MISSING_KEY)
+
+
 def _impression_reason() -> Column:
     return F.when(F.col("malformed"), Reason.MALFORMED).when(
         _missing_key("impressions"), Reason.MISSING_KEY
@@ -108,7 +113,7 @@ def classify_impressions(impressions: DataFrame) -> tuple[DataFrame, DataFrame]:
     quarantined = tagged.where(F.col("reason").isNotNull()).select(
         "folder_dt", record_text("impressions").alias("raw"), "reason"
     )
-    valid = tagged.where(F.col("reason").isNull()).drop("folder_dt", "raw", "malformed", "reason")
+    valid = tagged.where(F.col("reason").isNull()).drop(*READ_COLUMNS, "reason")
     return valid, quarantined
 
 
@@ -141,9 +146,7 @@ def rank_impressions(impressions: DataFrame, partitions: int) -> DataFrame:
     quarantined records (``reason`` set). This is the day's one shuffle of the impressions;
     the label and profile joins after it are broadcasts and keep the layout.
     """
-    payload = [
-        c for c in impressions.columns if c not in ("folder_dt", "raw", "malformed", IMPRESSION_ID)
-    ]
+    payload = [c for c in impressions.columns if c not in (*READ_COLUMNS, IMPRESSION_ID)]
     tagged = impressions.withColumn("reason", _impression_reason()).withColumn(
         "_bucket", F.xxhash64(IMPRESSION_ID)
     )
@@ -164,7 +167,7 @@ def rank_impressions(impressions: DataFrame, partitions: int) -> DataFrame:
 def deduplicate_impressions(ranked: DataFrame) -> DataFrame:
     """The copy of each valid impression id that the table keeps, from
     :func:`rank_impressions`: ``impression_id`` and the payload columns."""
-    return ranked.where(F.col("copy") == 1).drop("folder_dt", "raw", "malformed", "reason", "copy")
+    return ranked.where(F.col("copy") == 1).drop(*READ_COLUMNS, "reason", "copy")
 
 
 def impression_lookup(

@@ -159,6 +159,11 @@ def test_a_line_the_parser_did_not_return_fails_the_accounting():
 def test_deduplicated_impressions_are_partitioned_by_id_in_a_deterministic_order(spark):
     ids = [f"imp-{i:03d}" for i in range(40)]
     ranked = _ranked(spark, [_imp(i) for i in reversed(ids)] + [_imp("imp-007")], partitions=4)
+    # both copies of imp-007 meet in one partition, where the window numbers them 1 and 2
+    copies = ranked.rdd.glom().map(
+        lambda rows: [r.copy for r in rows if r.impression_id == "imp-007"]
+    )
+    assert [sorted(part) for part in copies.collect() if part] == [[1, 2]]
     deduplicated = transforms.deduplicate_impressions(ranked)
     assert deduplicated.rdd.getNumPartitions() == 4
     parts = deduplicated.rdd.glom().map(lambda rows: [r.impression_id for r in rows]).collect()
