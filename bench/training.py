@@ -59,16 +59,19 @@ def in_memory_batches(
     """Batches kept as tensors. With ``source`` (a feature root and day): the very batches
     the trainer's loop draws from that table (same rows, same shuffled order), so the ceiling
     and the loop train on identical data; without: ``rows`` rows of a new table, in order."""
+
+    def kept(urls: list[str], cfg: DataConfig, seed: int) -> list[dict]:
+        with train_batches(urls, fields, cfg, seed=seed) as batches:
+            return [{k: v.clone() for k, v in batch.items()} for batch in batches]
+
     if source is not None:
         root, day = source
-        cfg = DataConfig(batch_size=batch_size)  # the trainer's input settings
-        with train_batches(partition_urls(str(root), [day]), fields, cfg, seed=1) as batches:
-            return [{k: v.clone() for k, v in batch.items()} for batch in batches]
+        # the trainer's input settings and the loop's seed
+        return kept(partition_urls(str(root), [day]), DataConfig(batch_size=batch_size), seed=1)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         (day,) = make_table(Path(tmp), rows, seed=11)
         cfg = DataConfig(batch_size=batch_size, shuffle_queue_rows=0, reader_workers=1)
-        with train_batches(partition_urls(tmp, [day]), fields, cfg, seed=0) as batches:
-            return [{k: v.clone() for k, v in batch.items()} for batch in batches]
+        return kept(partition_urls(tmp, [day]), cfg, seed=0)
 
 
 def compute_only_samples_per_s(

@@ -463,25 +463,20 @@ class _GroupedColumns:
         self._dtypes = dtypes or {}
         self._groups: dict[tuple, torch.Tensor] = {}
         self._members: dict[tuple, list[str]] = {}  # group key -> its columns, in order
-        self._where: list[tuple[str, int, int]] = []  # (column, group number, index in it)
+        self._where: list[tuple[str, tuple, int]] = []  # (column, group key, index in it)
 
     def append(self, columns: dict[str, torch.Tensor], at: int, capacity: int) -> None:
         """Write ``columns`` at row ``at``, first growing the buffer to ``capacity`` rows."""
         if not self._members:
             for name, column in columns.items():
                 key = (self._dtypes.get(name, column.dtype), tuple(column.shape[1:]))
-                self._members.setdefault(key, []).append(name)
+                members = self._members.setdefault(key, [])
+                self._where.append((name, key, len(members)))
+                members.append(name)
             self._groups = {
                 key: torch.empty((capacity, len(names), *key[1]), dtype=key[0])
                 for key, names in self._members.items()
             }
-            numbers = {key: number for number, key in enumerate(self._members)}
-            self._where = [
-                (name, numbers[key], names.index(name))
-                for name in columns
-                for key, names in self._members.items()
-                if name in names
-            ]
         for key, group in self._groups.items():
             if len(group) < capacity:
                 grown = torch.empty((capacity, *group.shape[1:]), dtype=group.dtype)
@@ -500,16 +495,14 @@ class _GroupedColumns:
         """``rows`` (indices) as ``batches`` consecutive batches of equal size, each column a
         contiguous tensor: per group one gather, one transpose and one split."""
         size = len(rows) // batches
-        pieces = []
-        for group in self._groups.values():
+        columns = {}  # group key -> its columns of every batch, batch-major
+        for key, group in self._groups.items():
             block = group.index_select(0, rows).view(batches, size, *group.shape[1:])
-            pieces.append(
-                (group.shape[1], block.movedim(2, 1).contiguous().flatten(0, 1).unbind(0))
-            )
+            columns[key] = block.movedim(2, 1).contiguous().flatten(0, 1).unbind(0)
         return [
             {
-                name: pieces[number][1][batch * pieces[number][0] + index]
-                for name, number, index in self._where
+                name: columns[key][batch * len(self._members[key]) + index]
+                for name, key, index in self._where
             }
             for batch in range(batches)
         ]

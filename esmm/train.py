@@ -464,12 +464,8 @@ class LockStep:
             if not have:
                 return
             steps += 1
-            # (no call at all for a tensor already there: each one is a GIL hand-over)
             yield {
-                name: tensor
-                if tensor.device == self.device
-                else tensor.to(self.device, non_blocking=True)
-                for name, tensor in batch.items()
+                name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()
             }
 
 
