@@ -11,9 +11,10 @@ viewed as one ``[rows, max_len]`` array, and plain numeric columns are taken zer
 rather than through pandas (:func:`_use_fast_list_conversion`). Batches are assembled as
 Petastorm 0.12's ``BatchedDataLoader`` assembles them (same shuffling buffer, same random
 draws) but with a few tensor operations per several batches instead of one per column and
-batch, already in the model's dtypes (:func:`_shuffled_batches`): the input runs in a thread
-beside the training step and every Python-level operation it makes competes with the step
-for the GIL (issue #8).
+batch, already in the model's dtypes (:func:`_shuffled_batches`). All of it runs in a child
+process (:class:`_InputProcess`) that hands the batches over in shared memory: in a thread
+beside the training step, every Python-level operation of the input would compete with the
+step for the GIL (issue #8).
 
 Sharding: ``cur_shard=rank, shard_count=size`` gives each rank whole row groups, so shards
 are uneven in general; the trainer ends each epoch on every rank together (an allreduced
@@ -24,11 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import multiprocessing as mp
 import os
+import pickle
 import queue
 import re
+import sys
 import threading
+import types
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
 from urllib.parse import urlparse
@@ -47,6 +54,7 @@ __all__ = [
     "eval_batches",
     "parse_dates",
     "partition_urls",
+    "start_input_server",
     "train_batches",
 ]
 
@@ -74,12 +82,15 @@ class DataConfig(StrictModel):
             holds, so a buffer of a few row groups mixes well at a small cost
             (bench/input_pipeline.py).
         reader_workers: Petastorm reader threads per rank. One keeps up with a CPU trainer
-            with room to spare; more threads compete with the training step for the GIL
-            (measured slower on 2 cores); raise it on GPU hosts with cores to spare.
-        prefetch_batches: batches assembled ahead by a background thread (0 = assemble in
-            the training loop). Converting row groups and shuffling run in the thread that
-            iterates the reader; doing that while the step runs hides it behind the model's
-            compute.
+            with room to spare (bench/input_pipeline.py); raise it on GPU hosts with cores
+            to spare.
+        prefetch_batches: batches assembled ahead of the training step (0 = read, convert
+            and shuffle in the training loop itself, between steps).
+        input_process: assemble the batches in a child process (the reader, the conversion
+            and the shuffling buffer), handed over in shared memory; the training process
+            only receives them. False: in a thread of the training process, where every
+            Python-level operation of the input waits for, or delays, the training step's
+            hold of the GIL (bench/training.py times both).
     """
 
     batch_size: int = Field(default=1024, ge=1)
@@ -87,6 +98,7 @@ class DataConfig(StrictModel):
     shuffle_queue_rows: int = Field(default=20_000, ge=0)
     reader_workers: int = Field(default=1, ge=1)
     prefetch_batches: int = Field(default=4, ge=0)
+    input_process: bool = True
 
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -360,20 +372,35 @@ def train_batches(
         An iterator of dicts: label → float32 ``[B]``; single field → int64 ``[B]``; multi
         field → int64 ``[B, max_len]``. The last batch may be smaller.
     """
+    if _use_input_process(cfg):
+        with _InputProcess((urls, fields, cfg, rank, size, seed), cfg.prefetch_batches) as batches:
+            yield batches
+        return
+    with _local_batches(urls, fields, cfg, rank, size, seed) as batches:
+        if cfg.prefetch_batches:
+            with _Prefetcher(batches, cfg.prefetch_batches) as prefetched:
+                yield prefetched
+        else:
+            yield batches
+
+
+def _use_input_process(cfg: DataConfig) -> bool:
+    # (a daemonic process, such as a multiprocessing pool's worker, may not start one)
+    return bool(cfg.prefetch_batches and cfg.input_process and not mp.current_process().daemon)
+
+
+@contextlib.contextmanager
+def _local_batches(
+    urls: Sequence[str], fields: FieldsConfig, cfg: DataConfig, rank: int, size: int, seed: int
+) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+    """train_batches' batches, assembled in the calling thread."""
     torch.manual_seed(seed)  # the shuffling buffer draws from torch's global RNG
     reader = _make_reader(
         urls, schema.model_columns(fields), rank, size, True, seed, cfg.reader_workers
     )
     with reader:
         rows = (row._asdict() for row in reader)
-        batches = _shuffled_batches(
-            rows, cfg.batch_size, cfg.shuffle_queue_rows, _batch_dtypes(fields)
-        )
-        if cfg.prefetch_batches:
-            with _Prefetcher(batches, cfg.prefetch_batches) as prefetched:
-                yield prefetched
-        else:
-            yield batches
+        yield _shuffled_batches(rows, cfg.batch_size, cfg.shuffle_queue_rows, _batch_dtypes(fields))
 
 
 def _shuffled_batches(
@@ -598,6 +625,201 @@ class _Prefetcher:
             with contextlib.suppress(queue.Empty):
                 self._queue.get_nowait()
             self._thread.join(timeout=0.1)
+
+
+# Batches packed into one shared-memory block per dtype and handed over together: the cost of
+# a hand-over (a file descriptor per block, received through a socket) is paid per chunk.
+_CHUNK_BATCHES = 8
+
+
+def _pack(batches: list[dict[str, torch.Tensor]]) -> tuple[dict, list]:
+    """Batches as one flat shared-memory tensor per dtype and where each column lies in them:
+    ``({dtype: flat}, [[(name, dtype, offset, shape), ...] per batch])``."""
+    ends: dict[torch.dtype, int] = {}
+    layout = []
+    for batch in batches:
+        places = []
+        for name, tensor in batch.items():
+            offset = ends.get(tensor.dtype, 0)
+            places.append((name, tensor.dtype, offset, tuple(tensor.shape)))
+            ends[tensor.dtype] = offset + tensor.numel()
+        layout.append(places)
+    flats = {dtype: torch.empty(end, dtype=dtype).share_memory_() for dtype, end in ends.items()}
+    for batch, places in zip(batches, layout, strict=True):
+        for name, dtype, offset, shape in places:
+            flats[dtype][offset : offset + math.prod(shape)].view(shape).copy_(batch[name])
+    return flats, layout
+
+
+def _unpack(flats: dict, layout: list) -> list[dict[str, torch.Tensor]]:
+    """The batches of :func:`_pack`, as views of its blocks (no copy)."""
+    return [
+        {
+            name: flats[dtype][offset : offset + math.prod(shape)].view(shape)
+            for name, dtype, offset, shape in places
+        }
+        for places in layout
+    ]
+
+
+def _produce(channel, stop, args: tuple) -> None:
+    """The input process: train_batches' batches, in chunks, onto ``channel`` until the end
+    of the epoch, ``stop`` or an error (which is sent instead, and re-raised by the trainer).
+
+    The trainer fetches each chunk's shared memory from this process when it receives the
+    chunk, so the process stays alive until the trainer says ``stop`` (or dies itself).
+    """
+    torch.set_num_threads(1)  # the trainer's cores are for its step
+    parent = mp.parent_process()
+
+    def running() -> bool:
+        return not stop.is_set() and (parent is None or parent.is_alive())
+
+    def send(item) -> bool:
+        while running():
+            try:
+                channel.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        with _local_batches(*args) as batches:
+            chunk = []
+            for batch in batches:
+                chunk.append(batch)
+                if len(chunk) == _CHUNK_BATCHES:
+                    if not send(("batches", *_pack(chunk))):
+                        return
+                    chunk = []
+            if chunk and not send(("batches", *_pack(chunk))):
+                return
+        send(("done",))
+    except BaseException as exc:
+        try:
+            pickle.dumps(exc)
+        except Exception:  # the trainer gets its text then
+            exc = DataError(f"input process: {type(exc).__name__}: {exc}")
+        send(("error", exc))
+    while running():
+        stop.wait(0.5)
+
+
+def _input_context():
+    """The multiprocessing context of the input processes: a forkserver that has imported
+    this module, Petastorm and pyarrow, so each epoch's process starts in milliseconds."""
+    import torch.multiprocessing as torch_mp
+
+    context = torch_mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "petastorm", "pyarrow.parquet"])
+    return context
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """A forkserver child re-imports the caller's main module (by path or name), and a script
+    without an ``if __name__ == "__main__":`` guard would run again in it. The input process
+    needs nothing of it: processes are started with a bare stand-in for that module."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def start_input_server(cfg: DataConfig) -> None:
+    """Start the server of the input processes now (it imports torch and Petastorm, about two
+    seconds), so that it does so while the caller sets up rather than before the first batch.
+    Optional: train_batches starts it when it is not running yet."""
+    if _use_input_process(cfg):
+        from multiprocessing import forkserver
+
+        _input_context()
+        with _without_main():
+            forkserver.ensure_running()
+
+
+class _InputProcess:
+    """train_batches' batches assembled in a child process and received in shared memory.
+
+    The child (forked from a ``forkserver`` that has imported this module, so it starts in
+    milliseconds and inherits none of the trainer's threads or Horovod state) runs the
+    Petastorm reader, the conversion and the shuffling buffer (:func:`_local_batches`) with
+    one torch thread, and sends :data:`_CHUNK_BATCHES` batches at a time as one block per
+    dtype (:func:`_pack`). The trainer's side only unpickles a few handles per chunk and
+    slices views, so the input takes next to nothing from the training step's core or GIL.
+
+    Leaving the ``with`` block early stops the child and drains what it had sent; an error in
+    the child is re-raised here; a child that dies (killed, out of memory) is a DataError,
+    not a hang.
+    """
+
+    def __init__(self, args: tuple, depth: int) -> None:
+        context = _input_context()
+        self._channel = context.Queue(maxsize=max(1, math.ceil(depth / _CHUNK_BATCHES)))
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_produce, args=(self._channel, self._stop, args), name="esmm-input", daemon=True
+        )
+        self._pending: deque = deque()
+        self._done = False
+
+    def __enter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        with _without_main():
+            self._process.start()
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while not self._pending:
+            if self._done:
+                raise StopIteration
+            item = self._receive()
+            if item[0] == "done":
+                self._done = True
+                self._stop.set()
+            elif item[0] == "error":
+                self._done = True
+                self._stop.set()
+                raise item[1]
+            else:
+                self._pending.extend(_unpack(item[1], item[2]))
+        return self._pending.popleft()
+
+    def _receive(self) -> tuple:
+        while True:
+            try:
+                return self._channel.get(timeout=1.0)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    try:  # it may have sent its last item just before exiting
+                        return self._channel.get(timeout=1.0)
+                    except queue.Empty:
+                        raise self._exited() from None
+            except (OSError, EOFError) as exc:  # a chunk whose sender died as it was sent
+                self._process.join(timeout=5.0)
+                raise self._exited() from exc
+
+    def _exited(self) -> DataError:
+        return DataError(
+            f"the input process exited (code {self._process.exitcode}) before the end of the "
+            "epoch; a negative code is the signal that ended it (-9: killed, often for memory)"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._pending.clear()
+        while self._process.is_alive():
+            # (a chunk whose sender has just exited cannot be received: nothing is lost, the
+            # rest of the epoch is being dropped anyway)
+            with contextlib.suppress(queue.Empty, OSError, EOFError):
+                self._channel.get(timeout=0.1)
+            self._process.join(timeout=0.1)
+        self._channel.close()
 
 
 def eval_batches(

@@ -37,6 +37,7 @@ from esmm.data import (
     numpy_batch_to_tensors,
     parse_dates,
     partition_urls,
+    start_input_server,
     train_batches,
 )
 from esmm.losses import LossConfig, compute_loss
@@ -171,15 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         oracle = load_oracle(oracle_root, eval_parts) if oracle_root else None
     except (ConfigError, DataError) as exc:
         return fail(str(exc))
+    start_input_server(cfg.data)  # its imports overlap the set-up below
 
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank())
         device = torch.device("cuda", hvd.local_rank())
     else:
         device = torch.device("cpu")
-        # Share the cores among the ranks of this host, less one for the Petastorm reader and
-        # prefetch threads: oversubscribed, the step and the input slow each other down
-        # (bench/training.py: 7.3k vs 17k samples/s with 2 torch threads on 2 cores).
+        # Share the cores among the ranks of this host, less one for the input (a process or
+        # a thread per rank, data.input_process): oversubscribed, the step and the input slow
+        # each other down (bench/training.py: 7.3k vs 17k samples/s with 2 torch threads on 2
+        # cores).
         cores_per_rank = (os.cpu_count() or 1) // hvd.local_size()
         torch.set_num_threads(max(1, cores_per_rank - 1))
     torch.manual_seed(cfg.seed + rank)

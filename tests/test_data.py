@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -188,3 +189,85 @@ def test_numeric_columns_convert_like_petastorm_and_odd_ones_are_left_to_it():
         pa.array([True, False]),  # not numbers
     ):
         assert _numeric_column_to_numpy(odd) is None
+
+
+def test_batches_from_the_input_process_equal_those_from_a_thread(table):
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01", "2026-01-02"])
+    got = {}
+    for in_process in (True, False):
+        cfg = DataConfig(batch_size=96, shuffle_queue_rows=400, input_process=in_process)
+        with train_batches(urls, fields, cfg, seed=9) as batches:
+            got[in_process] = list(batches)
+    assert len(got[True]) == len(got[False]) == -(-1600 // 96)
+    for mine, theirs in zip(got[True], got[False], strict=True):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_an_error_in_the_input_process_is_raised_in_the_trainer(tmp_path):
+    fields = small_fields()
+    day = tmp_path / "dt=2026-01-07"
+    day.mkdir()
+    (day / "part-0.parquet").write_bytes(b"not a parquet file")
+    urls = partition_urls(str(tmp_path), ["2026-01-07"])
+    with (
+        train_batches(urls, fields, DataConfig()) as batches,
+        pytest.raises(Exception, match=r"(?i)parquet") as raised,
+    ):
+        next(batches)
+    assert not isinstance(raised.value, DataError)  # the reader's own error, not "exited"
+
+
+def test_the_input_process_ends_when_the_consumer_leaves_early(table):
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01"])
+    with train_batches(urls, fields, DataConfig(batch_size=8), seed=1) as batches:
+        next(batches)
+        process = batches._process
+        assert process.is_alive()
+    assert not process.is_alive()
+
+
+def test_an_input_process_that_dies_is_a_clear_error_not_a_hang(table):
+    import os
+    import signal
+
+    root, fields = table
+    urls = partition_urls(str(root), ["2026-01-01"])
+    with train_batches(urls, fields, DataConfig(batch_size=8), seed=1) as batches:
+        next(batches)
+        os.kill(batches._process.pid, signal.SIGKILL)
+        with pytest.raises(DataError, match=r"input process exited \(code -9\)"):
+            list(batches)
+
+
+def test_a_script_without_a_main_guard_can_train(table, tmp_path):
+    # The input process must not run the caller's script again (multiprocessing re-imports
+    # the main module in a forkserver child unless told otherwise).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, fields = table
+    fields_file = tmp_path / "fields.yaml"
+    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from esmm.config import FieldsConfig, load_config\n"
+        "from esmm.data import DataConfig, partition_urls, train_batches\n"
+        f"fields = load_config({str(fields_file)!r}, FieldsConfig)\n"
+        f"urls = partition_urls({str(root)!r}, ['2026-01-02'])\n"
+        "with train_batches(urls, fields, DataConfig(batch_size=100)) as batches:\n"
+        "    print('rows', sum(len(b['click']) for b in batches))\n"
+    )
+    project = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(project)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["rows", "600"]
