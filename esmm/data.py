@@ -85,7 +85,8 @@ class DataConfig(StrictModel):
             with room to spare (bench/input_pipeline.py); raise it on GPU hosts with cores
             to spare.
         prefetch_batches: batches assembled ahead of the training step (0 = read, convert
-            and shuffle in the training loop itself, between steps).
+            and shuffle in the training loop itself, between steps); an input process
+            rounds it up to whole hand-overs of 8 batches.
         input_process: assemble the batches in a child process (the reader, the conversion
             and the shuffling buffer), handed over in shared memory; the training process
             only receives them. False: in a thread of the training process, where every
