@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import statistics
 import subprocess
@@ -271,59 +270,47 @@ def main() -> None:
         root = Path(tmp)
         (day,) = make_table(root, args.rows)
         # The ceiling trains on the very batches the loop draws (same rows, same order), kept
-        # in memory; the two measurements alternate so that machine noise hits both alike.
+        # in memory. Machine noise here moves whole rounds by +-20%: each round times every
+        # setting back to back, and a setting's ratio is the median of its per-round ratios
+        # to that round's ceiling (samples/s shown: the median too).
         preloaded = in_memory_batches(fields, args.rows, args.batch_size, source=(root, day))
-        # Machine noise here moves whole rounds by +-20%: each round times every setting
-        # back to back, and a setting's ratio is the median of its per-round ratios to that
-        # round's ceiling (samples/s shown: the median too).
-        settings = {
-            "loop": functools.partial(pipeline_samples_per_s, fields, root, day, args.batch_size),
-            "thread": functools.partial(
-                pipeline_samples_per_s,
-                fields,
-                root,
-                day,
-                args.batch_size,
-                batches=train_batches_in_thread,
-            ),
-        }
+        sources = {"loop": train_batches, "thread": train_batches_in_thread}
         if args.baseline:
-            settings["before"] = functools.partial(
-                pipeline_samples_per_s,
-                fields,
-                root,
-                day,
-                args.batch_size,
-                batches=petastorm_loader_batches,
-            )
+            sources["before"] = petastorm_loader_batches
         rates: dict[str, list[float]] = {
             "compute": [],
             "with_start": [],
-            **{k: [] for k in settings},
+            **{k: [] for k in sources},
         }
         first_batch = float("inf")
         for _ in range(args.repeats):
             rates["compute"].append(
                 compute_only_samples_per_s(fields, batch_size=args.batch_size, preloaded=preloaded)
             )
-            for name, measure in settings.items():
+            for name, source in sources.items():
                 timings: dict[str, float] = {}
-                rates[name].append(measure(timings=timings))
+                rates[name].append(
+                    pipeline_samples_per_s(
+                        fields, root, day, args.batch_size, batches=source, timings=timings
+                    )
+                )
                 if name == "loop":
                     rates["with_start"].append(timings["with_start_samples_per_s"])
                     first_batch = min(first_batch, timings["first_batch_s"])
 
+        def ratios(name: str) -> list[float]:
+            return [r / c for r, c in zip(rates[name], rates["compute"], strict=True)]
+
         def row(title: str, name: str) -> list[str]:
-            ratios = [r / c for r, c in zip(rates[name], rates["compute"], strict=True)]
             return [
                 title,
                 f"{statistics.median(rates[name]):,.0f}",
-                f"{statistics.median(ratios):.2f}",
-                f"{min(ratios):.2f}-{max(ratios):.2f}",
+                f"{statistics.median(ratios(name)):.2f}",
+                f"{min(ratios(name)):.2f}-{max(ratios(name)):.2f}",
             ]
 
         compute = statistics.median(rates["compute"])
-        loop_ratio = float(row("", "loop")[2])
+        loop_ratio = statistics.median(ratios("loop"))
         rows = [
             row("compute only, 1 process (ceiling)", "compute"),
             row("trainer loop + Petastorm, 1 process", "loop"),

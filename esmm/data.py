@@ -780,15 +780,13 @@ class _InputProcess:
             if self._done:
                 raise StopIteration
             item = self._receive()
-            if item[0] == "done":
-                self._done = True
-                self._stop.set()
-            elif item[0] == "error":
-                self._done = True
-                self._stop.set()
-                raise item[1]
-            else:
+            if item[0] == "batches":
                 self._pending.extend(_unpack(item[1], item[2]))
+                continue
+            self._done = True  # "done" or "error": the child may exit now
+            self._stop.set()
+            if item[0] == "error":
+                raise item[1]
         return self._pending.popleft()
 
     def _receive(self) -> tuple:

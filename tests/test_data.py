@@ -230,7 +230,6 @@ def test_the_input_process_ends_when_the_consumer_leaves_early(table):
 
 
 def test_an_input_process_that_dies_is_a_clear_error_not_a_hang(table):
-    import os
     import signal
 
     root, fields = table
