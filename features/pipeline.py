@@ -7,9 +7,8 @@ order of the steps and the I/O, while the rules live in :mod:`features.transform
 from __future__ import annotations
 
 import json
+import math
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +62,8 @@ def build_day(
             is published then).
     """
     raw, out = raw.rstrip("/"), out.rstrip("/")
+    window = config.attribution
+    horizon = window.horizon_days
     impressions_folder = f"{raw}/impressions/dt={day}"
     if not io.exists(spark, impressions_folder):
         raise InputError(f"no impressions for {day}: {impressions_folder} does not exist")
@@ -71,71 +72,24 @@ def build_day(
         if not io.exists(spark, path):
             raise InputError(f"no {log} snapshot for {day}: {path} does not exist")
 
-    with _stable_splits(spark):
-        return _build_day(spark, raw, out, day, config, fields, profile_paths)
-
-
-@contextmanager
-def _stable_splits(spark: SparkSession) -> Iterator[None]:
-    """Keep the day's input splits the same in every pass of the build.
-
-    ``_row`` numbers each record by its input split, and both parses of the day must number
-    the same record alike. Spark sizes splits from the cluster's current parallelism, which
-    dynamic allocation may change between two passes; this pins it for the build (unless the
-    user has set ``spark.sql.files.minPartitionNum``). The id checksum check would catch a
-    mismatch, but it could only fail the day, not fix it.
-    """
-    key = "spark.sql.files.minPartitionNum"
-    if spark.conf.get(key, None) is not None:
-        yield
-        return
-    spark.conf.set(key, str(spark.sparkContext.defaultParallelism))
-    try:
-        yield
-    finally:
-        spark.conf.unset(key)
-
-
-def _build_day(
-    spark: SparkSession,
-    raw: str,
-    out: str,
-    day: str,
-    config: FeaturesConfig,
-    fields: FieldsConfig,
-    profile_paths: dict[str, str],
-) -> DayResult:
-    window = config.attribution
-    horizon = window.horizon_days
-    impressions_folder = f"{raw}/impressions/dt={day}"
     lines, blank_lines = count_lines(spark, impressions_folder)
     if lines == 0:
         raise InputError(f"no impressions for {day}: {impressions_folder} is empty")
 
     keep = StorageLevel.MEMORY_AND_DISK
-    click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
-    click_lines = _materialize(read_log(spark, click_folders, "clicks").persist(keep))
-
-    # The day is parsed twice: once here, kept slim (ids, times, reasons, the quarantine's
-    # text), for attribution, the deduplication and the counts; once for the table. Keeping the
-    # whole parsed day costs more than parsing it again. Blank lines, which the JSON reader
-    # skips, were counted above; their text is read back only when there are some.
     day_folder = {day: impressions_folder}
-    tagged = transforms.tag_impressions(
-        read_log(spark, day_folder, "impressions", blank_lines=False)
-    )
-    slim = _materialize(transforms.slim_impressions(tagged).persist(keep))
-    repeats = _materialize(transforms.find_repeats(slim).persist(keep))
-    numbered = transforms.number_copies(slim, repeats)
-    impression_metrics = numbered.agg(*stats.impression_metrics()).first().asDict()
-    quarantined_impressions = slim.where(F.col("reason").isNotNull()).select(
-        "folder_dt", "raw", "reason"
-    )
+    # Blank lines, which the JSON reader skips, were counted above: pass 1 reads their text
+    # back (to quarantine it) only when there are some, and the table's pass skips them.
+    for_table = read_log(spark, day_folder, "impressions", blank_lines=False)
+    impressions = for_table
     if blank_lines:
-        blank = read_blank_lines(spark, day_folder, "impressions")
-        quarantined_impressions = quarantined_impressions.unionByName(
-            transforms.classify_impressions(blank)[1]
-        )
+        impressions = for_table.unionByName(read_blank_lines(spark, day_folder, "impressions"))
+    click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
+    # Filled now: left lazy, pass 1's broadcast jobs would each parse the click files.
+    click_lines = _materialize(read_log(spark, click_folders, "clicks").persist(keep))
+    # Pass 1 over the day: only the records attribution and the quarantine need (a few %).
+    narrow = _materialize(transforms.narrow_impressions(impressions, click_lines).persist(keep))
+    named, quarantined_impressions = transforms.classify_impressions(narrow)
 
     before = transforms.days_around(day, horizon, 0)[:-1]
     lookback_folders = _existing(spark, raw, "impressions", before)
@@ -144,10 +98,9 @@ def _build_day(
         lookback = read_log(spark, lookback_folders, "impressions").select(
             "folder_dt", IMPRESSION_ID, "ts", "malformed"
         )
-    valid_impressions = slim.where(F.col("reason").isNull())
     clicks = transforms.attribute_clicks(
         click_lines,
-        transforms.impression_lookup(valid_impressions, day, lookback, click_lines),
+        transforms.impression_lookup(named, day, lookback, click_lines),
         day,
         horizon,
         window.click_window_s,
@@ -165,15 +118,17 @@ def _build_day(
     )
     conversions = _materialize(conversions.persist(keep))
 
-    # The table, in the parsed records' order: no shuffle of the day. Files of at most
-    # rows_per_row_group rows (one row group each), and at least min_row_groups of them
-    # (every input split writes ceil(its rows / cap) files, and the caps sum to >= lines / cap).
-    # The table's stats are observed while it is written, not computed by another pass.
-    cap = max(1, min(config.output.rows_per_row_group, lines // config.output.min_row_groups))
+    # Pass 2 over the day: the table. One row group per file: enough files for the rows (the
+    # line count bounds them), and at least min_row_groups. The counts of the impressions and
+    # the table's stats are observed while it is written (after the shuffle, so each task's
+    # values count once), not computed by more passes.
+    files = max(config.output.min_row_groups, math.ceil(lines / config.output.rows_per_row_group))
+    impression_seen = Observation("impressions")
+    ranked = transforms.rank_impressions(for_table, files).observe(
+        impression_seen, *stats.impression_metrics()
+    )
     labelled = transforms.label_impressions(
-        transforms.deduplicate_impressions(transforms.number_copies(tagged, repeats)),
-        clicks,
-        conversions,
+        transforms.deduplicate_impressions(ranked), clicks, conversions
     )
     profiles = {}
     for log, join in config.profiles.items():
@@ -182,14 +137,14 @@ def _build_day(
         profiles[log] = (F.broadcast(hashed) if join.broadcast else hashed, join.impression_key)
     table_seen = Observation("table")
     table = transforms.encode_features(labelled, profiles, fields).observe(
-        table_seen, *stats.table_metrics(fields), stats.id_checksum().alias("id_checksum")
+        table_seen, *stats.table_metrics(fields)
     )
 
     # Nothing is published before the accounting check passes: the table goes to the run's
-    # staging folder first.
+    # staging folder first, in the layout rank_impressions gave it.
     run = f"{out}/_tmp/{day}-{uuid.uuid4().hex[:8]}"
     (
-        table.write.option("maxRecordsPerFile", cap)
+        table.write.option("maxRecordsPerFile", config.output.rows_per_row_group)
         .option("parquet.block.size", config.output.parquet_block_size_bytes)
         .mode("overwrite")
         .parquet(f"{run}/table")
@@ -198,7 +153,7 @@ def _build_day(
     day_stats: dict[str, Any] = {
         "dt": day,
         "logs": {
-            "impressions": stats.impression_counts(impression_metrics, lines, blank_lines),
+            "impressions": stats.impression_counts(impression_seen.get, lines, blank_lines),
             "clicks": stats.event_log_counts(clicks),
             "conversions": stats.event_log_counts(conversions),
         },
@@ -227,7 +182,7 @@ def _build_day(
         stats_path=paths.stats,
         stats=day_stats,
     )
-    for frame in (slim, repeats, click_lines, clicks, conversions):
+    for frame in (narrow, click_lines, clicks, conversions):
         frame.unpersist()
     return result
 

@@ -77,8 +77,10 @@ LOG_KEYS = {
 
 
 def _blank() -> Column:
-    """A line of ``spark.read.text`` (column ``value``) that holds only whitespace."""
-    return F.trim(F.col("value")) == ""
+    """A line of ``spark.read.text`` (column ``value``) that the JSON reader skips: empty, or
+    only the whitespace its parser skips (space, tab, carriage return). ``trim`` would miss
+    the tabs, and a tab-only line would vanish from the parse without being counted."""
+    return F.col("value").rlike("^[ \\t\\r]*$")
 
 
 def count_lines(spark: SparkSession, path: str) -> tuple[int, int]:

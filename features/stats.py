@@ -15,7 +15,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig
-from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
+from esmm.schema import CLICK, CONVERSION
 from features.transforms import (
     DEDUPLICATED,
     IMPRESSION_QUARANTINE_REASONS,
@@ -27,7 +27,6 @@ from features.transforms import (
 __all__ = [
     "conservation_problems",
     "event_log_counts",
-    "id_checksum",
     "impression_counts",
     "impression_metrics",
     "table_metrics",
@@ -76,8 +75,8 @@ def event_log_counts(records: DataFrame) -> dict[str, Any]:
 
 
 def impression_metrics() -> list[Column]:
-    """Aggregates over :func:`features.transforms.number_copies`' rows that
-    :func:`impression_counts` turns into the log's counts."""
+    """Aggregates over :func:`features.transforms.rank_impressions`' rows that
+    :func:`impression_counts` turns into the log's counts (for ``DataFrame.observe``)."""
 
     def rows(condition: Column) -> Column:
         return F.sum(condition.cast("long"))
@@ -86,21 +85,11 @@ def impression_metrics() -> list[Column]:
         F.count(F.lit(1)).alias("records"),
         rows(F.col("copy") == 1).alias("output"),
         rows(F.col("copy") > 1).alias("deduplicated"),
-        id_checksum(F.col("copy") == 1).alias("id_checksum"),
         *[
             rows(F.col("reason") == reason).alias(reason)
             for reason in IMPRESSION_QUARANTINE_REASONS
         ],
     ]
-
-
-def id_checksum(rows: Column | None = None) -> Column:
-    """XOR of the 64-bit hashes of ``impression_id`` (over the rows where ``rows`` holds): an
-    order-free fingerprint of a set of distinct ids. The job compares the ids its
-    deduplication kept with the ids its table holds, which are computed in different passes
-    over the day."""
-    hashed = F.xxhash64(IMPRESSION_ID)
-    return F.bit_xor(hashed if rows is None else F.when(rows, hashed))
 
 
 def impression_counts(metrics: dict[str, Any], lines: int, blank_lines: int = 0) -> dict[str, Any]:
@@ -125,7 +114,6 @@ def impression_counts(metrics: dict[str, Any], lines: int, blank_lines: int = 0)
     ]
     counts = _counts(lines, by_status)
     counts["records"] = metrics["records"]
-    counts["id_checksum"] = metrics.get("id_checksum")
     counts["unclassified"] = metrics["records"] - sum(n for _, _, n in by_status)
     return counts
 
@@ -163,7 +151,6 @@ def table_stats(row: dict[str, Any], fields: FieldsConfig) -> dict[str, Any]:
         "cvr": conversions / clicks if clicks else 0.0,
         "ctcvr": conversions / rows if rows else 0.0,
         "null_rate": {spec.name: row[spec.name] or 0.0 for spec in fields.fields},
-        **({"id_checksum": row["id_checksum"]} if "id_checksum" in row else {}),
     }
 
 
@@ -171,9 +158,8 @@ def conservation_problems(stats: dict[str, Any]) -> list[str]:
     """Every violated accounting rule of a day's stats, as messages (empty when all hold).
 
     Rules: per log, input = output + quarantined + deduplicated and nothing unclassified; the
-    table has one row per impression output, and (where both sides hold an id checksum) the
-    ids the deduplication kept; one click output per clicked row and one conversion output
-    per converted row; no conversion without a click.
+    table has one row per impression output; one click output per clicked row and one
+    conversion output per converted row; no conversion without a click.
     """
     problems = []
     for log, counts in stats["logs"].items():
@@ -193,12 +179,6 @@ def conservation_problems(stats: dict[str, Any]) -> list[str]:
     for log, rows in expected.items():
         if stats["logs"][log]["output"] != rows:
             problems.append(f"{log}: output {stats['logs'][log]['output']} != {rows} in the table")
-    ids = stats["logs"].get("impressions", {}).get("id_checksum", table.get("id_checksum"))
-    if ids != table.get("id_checksum"):
-        problems.append(
-            "impressions: the table's ids are not the ids the deduplication kept "
-            f"(id checksum {table.get('id_checksum')} != {ids})"
-        )
     if table["conversion_without_click"]:
         problems.append(
             f"{table['conversion_without_click']} rows have a conversion without a click"

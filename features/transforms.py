@@ -2,23 +2,22 @@
 
 The steps, in order (see docs/DATA.md for the rules in prose):
 
-1. :func:`tag_impressions`, :func:`classify_impressions` — quarantine malformed / key-less
-   impressions; :func:`slim_impressions` keeps what the next steps need of the day.
+1. :func:`classify_impressions` — quarantine malformed / key-less impressions.
 2. :func:`impression_lookup` — for the impression ids that clicks point to: the day each
    belongs to (day D's or a look-back day's), the basis of record ownership, and its time.
 3. :func:`attribute_clicks` / :func:`attribute_conversions` — decide which build owns each
    click / conversion record, deduplicate by event id, apply the attribution windows and give
    every owned record a status (``output``, ``deduplicated``, ``quarantined``) and a reason.
-4. :func:`find_repeats`, :func:`number_copies`, :func:`deduplicate_impressions` — one row per
-   ``impression_id``.
+4. :func:`rank_impressions`, :func:`deduplicate_impressions` — one row per
+   ``impression_id``, partitioned and sorted the way the table is written (the day's only
+   shuffle of the impressions).
 5. :func:`label_impressions` — ``click`` / ``conversion`` labels (conversion ⇒ click).
 6. :func:`hash_profile`, :func:`encode_features` — raw values → hashed integer ids.
 
-**Cost.** The impressions are the big input. They are parsed twice: once kept slim (ids,
-times, reasons) for attribution, the deduplication and the quarantine, once for the table.
-They are never shuffled: repeats are found from an aggregate of 64-bit id hashes, and
-everything else joins to the day through broadcasts of much smaller frames (the repeats, the
-click-side labels, the hashed profiles).
+**Cost.** The impressions are the big input. They are read twice: once cut down to the few
+percent that attribution and the quarantine need (:func:`narrow_impressions`), once for the
+table, shuffled once (step 4); everything else joins to them through broadcasts of the
+(much smaller) click-side frames.
 
 **Ownership.** Several days' builds read the same click / conversion folder (late events), so
 each record is owned by exactly one build: the day of the impression it points to (through
@@ -50,15 +49,13 @@ __all__ = [
     "classify_impressions",
     "deduplicate_impressions",
     "encode_features",
-    "find_repeats",
     "hash_bag",
     "hash_id",
     "hash_profile",
     "impression_lookup",
     "label_impressions",
-    "number_copies",
-    "slim_impressions",
-    "tag_impressions",
+    "narrow_impressions",
+    "rank_impressions",
 ]
 
 OUTPUT = "output"
@@ -127,81 +124,50 @@ def _referenced(clicks: DataFrame) -> DataFrame:
     )
 
 
-def tag_impressions(impressions: DataFrame) -> DataFrame:
-    """Parsed impression records → the same with ``reason`` (why the record is quarantined,
-    null for a valid one), ``_content`` (a 64-bit hash of its payload) and ``_row`` (a number
-    unique to each record, from ``monotonically_increasing_id``).
+def narrow_impressions(impressions: DataFrame, clicks: DataFrame) -> DataFrame:
+    """The day's impression records that attribution and the quarantine need, in one pass:
+    every malformed or key-less record, and every record whose id some click names.
 
-    ``_row`` is stable for one DataFrame read over the same input splits, so every job that
-    derives from the returned frame sees the same number for the same record.
+    A few percent of the day: the rest of the records only matter to the table, which reads
+    the day again (:func:`rank_impressions`). Same columns as ``impressions``.
+    """
+    named = _referenced(clicks).withColumn("_named", F.lit(True))
+    keep = F.col("malformed") | _missing_key("impressions") | F.col("_named").isNotNull()
+    return impressions.join(named, IMPRESSION_ID, "left").where(keep).drop("_named")
+
+
+def rank_impressions(impressions: DataFrame, partitions: int) -> DataFrame:
+    """Every parsed impression record with ``reason`` and ``copy``, laid out as the table is
+    written: hash-partitioned on ``impression_id`` into ``partitions`` partitions and, within
+    each, ordered by ``(xxhash64(impression_id), impression_id)`` — a deterministic order.
+
+    ``copy`` numbers the valid records of one id by their payload ``(ts, …)``: 1 is the copy
+    the table keeps (a deterministic choice), 2.. are repeats (deduplicated); it is null for
+    quarantined records (``reason`` set). This is the day's one shuffle of the impressions;
+    the label and profile joins after it are broadcasts and keep the layout.
     """
     payload = [c for c in impressions.columns if c not in (*READ_COLUMNS, IMPRESSION_ID)]
+    tagged = impressions.withColumn("reason", _impression_reason()).withColumn(
+        "_bucket", F.xxhash64(IMPRESSION_ID)
+    )
+    # The hash leads the sort: ids share long prefixes ("imp-20240101-..."), which makes a
+    # sort on the id itself compare whole strings; a 64-bit key sorts on its prefix alone.
+    # Valid records come first (false < true), so their numbers are 1, 2, ...
+    order = Window.partitionBy("_bucket", IMPRESSION_ID).orderBy(
+        F.col("reason").isNotNull(), *payload
+    )
     return (
-        impressions.withColumn("reason", _impression_reason())
-        .withColumn("_content", F.xxhash64(*payload))
-        .withColumn("_row", F.monotonically_increasing_id())
+        tagged.repartition(partitions, IMPRESSION_ID)
+        .withColumn("_n", F.row_number().over(order))
+        .withColumn("copy", F.when(F.col("reason").isNull(), F.col("_n")))
+        .drop("_n", "_bucket")
     )
 
 
-def slim_impressions(tagged: DataFrame) -> DataFrame:
-    """What attribution, the deduplication and the quarantine need of
-    :func:`tag_impressions`' records: ``folder_dt``, ``impression_id``, ``ts``, ``reason``,
-    ``_content``, ``_row``, and ``raw``, the quarantine's text (:func:`record_text`), for the
-    quarantined records only. Small enough to keep, where the whole record is not."""
-    quarantine_text = F.when(F.col("reason").isNotNull(), record_text("impressions"))
-    return tagged.select(
-        "folder_dt",
-        IMPRESSION_ID,
-        "ts",
-        "reason",
-        "_content",
-        "_row",
-        quarantine_text.alias("raw"),
-    )
-
-
-def find_repeats(tagged: DataFrame) -> DataFrame:
-    """The repeated copies among the valid records of :func:`tag_impressions` (or of
-    :func:`slim_impressions`): ``_row`` and ``copy``.
-
-    The valid records of one ``impression_id`` are numbered by ``(ts, _content, _row)``: copy
-    1, the one the table keeps, is the earliest record, ties broken by the hash of the payload
-    and then by ``_row`` (only identical records tie on both, so which one is kept does not
-    change the table). Copies 2.. are returned: few rows.
-
-    Repeats are rare, so the day is not shuffled to find them: the 64-bit hashes of the ids
-    are counted (an aggregate of longs), the records whose hash occurs more than once are cut
-    out with a broadcast semi-join and numbered by a window over the id itself (two ids whose
-    hashes collide are numbered apart).
-    """
-    valid = tagged.where(F.col("reason").isNull()).withColumn("_hash", F.xxhash64(IMPRESSION_ID))
-    repeated = valid.groupBy("_hash").count().where(F.col("count") > 1).select("_hash")
-    order = Window.partitionBy(IMPRESSION_ID).orderBy("ts", "_content", "_row")
-    return (
-        valid.join(F.broadcast(repeated), "_hash", "left_semi")
-        .withColumn("copy", F.row_number().over(order))
-        .where(F.col("copy") > 1)
-        .select("_row", "copy")
-    )
-
-
-def number_copies(tagged: DataFrame, repeats: DataFrame) -> DataFrame:
-    """Add ``copy`` to :func:`tag_impressions`' (or :func:`slim_impressions`') records, from
-    :func:`find_repeats`: 1 for the copy the table keeps, 2.. for repeats (deduplicated), null
-    for quarantined records. A broadcast join: rows keep their order and partitioning."""
-    return (
-        tagged.join(F.broadcast(repeats.withColumnRenamed("copy", "_copy")), "_row", "left")
-        .withColumn("copy", F.when(F.col("reason").isNull(), F.coalesce(F.col("_copy"), F.lit(1))))
-        .drop("_copy")
-    )
-
-
-def deduplicate_impressions(numbered: DataFrame) -> DataFrame:
+def deduplicate_impressions(ranked: DataFrame) -> DataFrame:
     """The copy of each valid impression id that the table keeps, from
-    :func:`number_copies`: ``impression_id`` and the payload columns."""
-    return numbered.where(F.col("copy") == 1).drop(
-        *READ_COLUMNS, "reason", "copy", "_content", "_row"
-    )
+    :func:`rank_impressions`: ``impression_id`` and the payload columns."""
+    return ranked.where(F.col("copy") == 1).drop(*READ_COLUMNS, "reason", "copy")
 
 
 def impression_lookup(

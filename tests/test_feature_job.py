@@ -19,7 +19,6 @@ import pytest
 from pyspark.sql import functions as F
 
 from esmm.config import FieldsConfig, FieldSpec, load_config
-from esmm.schema import IMPRESSION_ID
 from features import stats, transforms
 from features.config import AttributionConfig, FeaturesConfig
 from features.raw import count_lines, read_blank_lines, read_log
@@ -125,19 +124,20 @@ def test_impression_without_id_or_time_is_quarantined_as_missing_key(spark):
     assert sorted(r.reason for r in quarantined.collect()) == [Reason.MISSING_KEY] * 2
 
 
-def _numbered(spark, records):
-    tagged = transforms.tag_impressions(_read(spark, "impressions", [(DAY, r) for r in records]))
-    return transforms.number_copies(tagged, transforms.find_repeats(tagged))
+def _ranked(spark, records, partitions=3):
+    return transforms.rank_impressions(
+        _read(spark, "impressions", [(DAY, r) for r in records]), partitions
+    )
 
 
 def test_duplicate_impression_is_deduplicated(spark):
     copies = [_imp("a", ts=T0 + 7, item="late"), _imp("a", ts=T0 + 5, item="early"), _imp("b")]
-    numbered = _numbered(spark, [*copies, '{"impression_id": "a", "ts"', _imp("a", ts=None)])
+    ranked = _ranked(spark, [*copies, '{"impression_id": "a", "ts"', _imp("a", ts=None)])
     kept = {
-        r.impression_id: r.item_id for r in transforms.deduplicate_impressions(numbered).collect()
+        r.impression_id: r.item_id for r in transforms.deduplicate_impressions(ranked).collect()
     }
-    assert kept == {"a": "early", "b": "i1"}  # the earliest copy wins
-    metrics = numbered.agg(*stats.impression_metrics()).first().asDict()
+    assert kept == {"a": "early", "b": "i1"}  # the copy with the smallest (ts, ...) wins
+    metrics = ranked.agg(*stats.impression_metrics()).first().asDict()
     counts = stats.impression_counts(metrics, lines=5)
     assert (counts["output"], counts["deduplicated"], counts["quarantined"]) == (2, 1, 2)
     assert counts["quarantined_by"] == {Reason.MALFORMED: 1, Reason.MISSING_KEY: 1}
@@ -156,36 +156,26 @@ def test_a_line_the_parser_did_not_return_fails_the_accounting():
     assert problem.startswith("impressions: input 5 != output 3")
 
 
-def test_repeats_across_files_are_found_and_the_rest_keeps_its_order(spark, tmp_path):
-    folder = tmp_path / "impressions" / f"dt={DAY}"
-    folder.mkdir(parents=True)
-    ids = [f"imp-{i:03d}" for i in range(30)]
-    files = [
-        [_imp(i) for i in ids[:10]] + [_imp("imp-021", ts=T0 + 500, item="later")],
-        [_imp(i) for i in ids[10:20]] + [_imp("imp-007")],  # identical to the first copy
-        [_imp(i) for i in ids[20:]] + [_imp("imp-007")],
-    ]
-    for n, records in enumerate(files):
-        (folder / f"part-{n}.txt").write_text("".join(json.dumps(r) + "\n" for r in records))
-    parsed = read_log(spark, {DAY: str(folder)}, "impressions", blank_lines=False)
-    tagged = transforms.tag_impressions(parsed)
-    assert tagged.rdd.getNumPartitions() > 1  # the copies of imp-007 are not all in one
-
-    def table():
-        numbered = transforms.number_copies(tagged, transforms.find_repeats(tagged))
-        kept = transforms.deduplicate_impressions(numbered)
-        return kept.rdd.glom().map(lambda rows: [(r.impression_id, r.item_id) for r in rows])
-
-    parts = table().collect()
-    assert sorted(i for part in parts for i, _ in part) == ids  # one row per id
-    assert dict(i for part in parts for i in part)["imp-021"] == "i1"  # the earlier copy
-    repeats = transforms.find_repeats(tagged).collect()
-    assert sorted(r.copy for r in repeats) == [2, 2, 3]
-    dropped = {r._row for r in repeats}
-    read = tagged.rdd.glom().map(lambda rows: [(r.impression_id, r._row) for r in rows]).collect()
-    in_order = [[i for i, row in part if row not in dropped] for part in read]
-    assert [[i for i, _ in part] for part in parts] == in_order  # the same layout and order
-    assert table().collect() == parts  # the same rows on every run
+def test_deduplicated_impressions_are_partitioned_by_id_in_a_deterministic_order(spark):
+    ids = [f"imp-{i:03d}" for i in range(40)]
+    ranked = _ranked(spark, [_imp(i) for i in reversed(ids)] + [_imp("imp-007")], partitions=4)
+    # both copies of imp-007 meet in one partition, where the window numbers them 1 and 2
+    copies = ranked.rdd.glom().map(
+        lambda rows: [r.copy for r in rows if r.impression_id == "imp-007"]
+    )
+    assert [sorted(part) for part in copies.collect() if part] == [[1, 2]]
+    deduplicated = transforms.deduplicate_impressions(ranked)
+    assert deduplicated.rdd.getNumPartitions() == 4
+    parts = deduplicated.rdd.glom().map(lambda rows: [r.impression_id for r in rows]).collect()
+    assert sorted(i for part in parts for i in part) == ids
+    again = _ranked(spark, [_imp(i) for i in ids] + [_imp("imp-007")], partitions=4)
+    assert (
+        transforms.deduplicate_impressions(again)
+        .rdd.glom()
+        .map(lambda rows: [r.impression_id for r in rows])
+        .collect()
+        == parts
+    )
 
 
 def test_reader_flags_every_kind_of_bad_line_and_counts_lines(spark, tmp_path):
@@ -196,6 +186,7 @@ def test_reader_flags_every_kind_of_bad_line_and_counts_lines(spark, tmp_path):
         '{"impression_id": "cut", "ts"',  # truncated
         "",  # blank
         "   ",  # blank
+        "\t ",  # blank (a tab: the JSON reader skips it too)
         "not json",
         "42",  # JSON, not an object
         json.dumps({**_imp("typed"), "ts": "yesterday"}),  # wrong type
@@ -203,13 +194,13 @@ def test_reader_flags_every_kind_of_bad_line_and_counts_lines(spark, tmp_path):
     ]
     (folder / "part-0.txt").write_text("\n".join(lines) + "\n")
     rows = read_log(spark, {DAY: str(folder)}, "impressions").collect()
-    assert count_lines(spark, str(folder)) == (len(lines), 2) and len(rows) == len(lines)
+    assert count_lines(spark, str(folder)) == (len(lines), 3) and len(rows) == len(lines)
     without_blank = read_log(spark, {DAY: str(folder)}, "impressions", blank_lines=False)
-    assert without_blank.count() == len(lines) - 2
+    assert without_blank.count() == len(lines) - 3
     blank = read_blank_lines(spark, {DAY: str(folder)}, "impressions").collect()
-    assert sorted(r.raw for r in blank) == ["", "   "] and all(r.malformed for r in blank)
+    assert sorted(r.raw for r in blank) == ["", "\t ", "   "] and all(r.malformed for r in blank)
     malformed = sorted(r.raw for r in rows if r.malformed)
-    assert malformed == sorted(lines[1:7])
+    assert malformed == sorted(lines[1:8])
     assert {r.impression_id for r in rows if not r.malformed} == {"ok", None}
     assert all(r.folder_dt == DAY for r in rows)
 
@@ -474,20 +465,6 @@ def test_conservation_check_flags_an_unaccounted_record():
     assert len(problems) == 1 and problems[0].startswith("clicks: input 11")
 
 
-def test_a_table_holding_other_ids_than_the_deduplication_kept_fails_the_check(spark):
-    kept = spark.createDataFrame([(i, 1) for i in ("a", "b", "c")], [IMPRESSION_ID, "copy"])
-    table = spark.createDataFrame([(i,) for i in ("a", "b", "b")], [IMPRESSION_ID])
-    expected = kept.agg(stats.id_checksum(F.col("copy") == 1)).first()[0]
-    day = _stats(10)
-    day["logs"]["impressions"]["id_checksum"] = expected
-    day["table"]["id_checksum"] = expected
-    assert stats.conservation_problems(day) == []
-    # same row count, but a repeat kept in place of another id
-    day["table"]["id_checksum"] = table.agg(stats.id_checksum()).first()[0]
-    (problem,) = stats.conservation_problems(day)
-    assert problem.startswith("impressions: the table's ids are not the ids")
-
-
 def test_horizon_covers_both_windows_and_late_arrivals():
     assert (
         AttributionConfig(
@@ -651,6 +628,29 @@ def test_rerunning_a_day_replaces_it_with_identical_rows(two_built_days, spark):
     assert sorted(p.name for p in day_dir.glob("*.parquet")) != files_before  # really rewritten
     assert not list((out / "_tmp").glob("*"))  # nothing staged is left behind
     assert (out / "dt=2024-01-02").is_dir()  # the other day is untouched
+
+
+@pytest.mark.integration
+def test_blank_lines_in_a_day_are_quarantined_with_their_text(two_built_days, spark, tmp_path):
+    import shutil
+
+    from features.pipeline import build_day
+
+    raw, out, _ = two_built_days
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    day = "2024-01-01"
+    (copy / "impressions" / f"dt={day}" / "part-blank.txt").write_text("\n  \n\t\n")
+    config = load_config(ROOT / "conf/features.yaml", FeaturesConfig)
+    fields = load_config(ROOT / "conf/fields.yaml", FieldsConfig)
+    before = json.loads((out / "_stats" / f"dt={day}.json").read_text())["logs"]["impressions"]
+    result = build_day(spark, str(copy), str(tmp_path / "out"), day, config, fields)
+    after = result.stats["logs"]["impressions"]
+    assert after["input"] == before["input"] + 3 and after["output"] == before["output"]
+    malformed = Reason.MALFORMED
+    assert after["quarantined_by"][malformed] == before["quarantined_by"].get(malformed, 0) + 3
+    quarantine = spark.read.parquet(result.quarantine_path).where(F.col("log") == "impressions")
+    assert {"", "  ", "\t"} <= {r.raw for r in quarantine.select("raw").collect()}
 
 
 @pytest.mark.integration
