@@ -127,8 +127,8 @@ def main() -> int:
     rows = [
         ("bare read JSON + write Parquet", bare_s),
         ("full feature job", full_s),
-        ("  of which floor: parse the day", parse_s),
-        ("  of which floor: write the table", write_s),
+        ("floor: one parse of the day", parse_s),
+        ("floor: write the table alone", write_s),
     ]
     print(f"\n{lines:,} impression lines (simulated in {simulate_s:.1f}s), master {args.master}")
     step = f"step (median of {args.rounds} rounds)"

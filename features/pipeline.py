@@ -20,7 +20,7 @@ from esmm.config import FieldsConfig
 from esmm.schema import IMPRESSION_ID
 from features import io, stats, transforms
 from features.config import FeaturesConfig
-from features.raw import count_lines, read_blank_lines, read_log, record_text
+from features.raw import count_lines, read_log, record_text
 
 __all__ = ["AccountingError", "DayResult", "InputError", "build_day"]
 
@@ -80,10 +80,8 @@ def build_day(
     day_folder = {day: impressions_folder}
     # Blank lines, which the JSON reader skips, were counted above: pass 1 reads their text
     # back (to quarantine it) only when there are some, and the table's pass skips them.
+    impressions = read_log(spark, day_folder, "impressions", blank_lines=blank_lines > 0)
     for_table = read_log(spark, day_folder, "impressions", blank_lines=False)
-    impressions = for_table
-    if blank_lines:
-        impressions = for_table.unionByName(read_blank_lines(spark, day_folder, "impressions"))
     click_folders = _existing(spark, raw, "clicks", transforms.days_around(day, horizon, horizon))
     # Filled now: left lazy, pass 1's broadcast jobs would each parse the click files.
     click_lines = _materialize(read_log(spark, click_folders, "clicks").persist(keep))

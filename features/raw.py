@@ -29,7 +29,6 @@ __all__ = [
     "LOG_SCHEMAS",
     "READ_COLUMNS",
     "count_lines",
-    "read_blank_lines",
     "read_log",
     "record_text",
 ]
@@ -126,42 +125,28 @@ def read_log(
                 F.col(_CORRUPT).isNotNull().alias("malformed"),
             )
         )
-    if blank_lines:
-        frames.append(read_blank_lines(spark, folders, log))
-    if not frames:
-        return spark.createDataFrame([], _read_schema(log))
-    return reduce(DataFrame.unionByName, frames)
-
-
-def read_blank_lines(spark: SparkSession, folders: dict[str, str], log: str) -> DataFrame:
-    """The blank lines of several ``dt=`` folders of ``log``, which the JSON reader skips, as
-    malformed records with :func:`read_log`'s columns (``raw`` holds the line)."""
-    schema = LOG_SCHEMAS[log]
-    frames = [
-        spark.read.text(path)
-        .where(_blank())
-        .select(
-            F.lit(day).alias("folder_dt"),
-            F.col("value").alias("raw"),
-            *[F.lit(None).cast(field.dataType).alias(field.name) for field in schema.fields],
-            F.lit(True).alias("malformed"),
+        if not blank_lines:
+            continue
+        blank = spark.read.text(path).where(_blank())
+        frames.append(
+            blank.select(
+                F.lit(day).alias("folder_dt"),
+                F.col("value").alias("raw"),
+                *[F.lit(None).cast(field.dataType).alias(field.name) for field in schema.fields],
+                F.lit(True).alias("malformed"),
+            )
         )
-        for day, path in sorted(folders.items())
-    ]
     if not frames:
-        return spark.createDataFrame([], _read_schema(log))
+        empty = T.StructType(
+            [
+                T.StructField("folder_dt", T.StringType()),
+                T.StructField("raw", T.StringType()),
+                *schema.fields,
+                T.StructField("malformed", T.BooleanType()),
+            ]
+        )
+        return spark.createDataFrame([], empty)
     return reduce(DataFrame.unionByName, frames)
-
-
-def _read_schema(log: str) -> T.StructType:
-    return T.StructType(
-        [
-            T.StructField("folder_dt", T.StringType()),
-            T.StructField("raw", T.StringType()),
-            *LOG_SCHEMAS[log].fields,
-            T.StructField("malformed", T.BooleanType()),
-        ]
-    )
 
 
 def record_text(log: str) -> Column:
