@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from esmm.config import FieldsConfig, load_config
+from contract.config import load_config
+from contract.fields import FieldsConfig
 from tests.feature_fixtures import write_feature_day
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

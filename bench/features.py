@@ -32,7 +32,8 @@ from pyspark.sql import functions as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from esmm.config import FieldsConfig, load_config  # noqa: E402
+from contract.config import load_config  # noqa: E402
+from contract.fields import FieldsConfig  # noqa: E402
 from features.config import FeaturesConfig, SimulatorConfig  # noqa: E402
 from features.pipeline import build_day  # noqa: E402
 from features.raw import IMPRESSION_SCHEMA, read_log  # noqa: E402

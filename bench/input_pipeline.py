@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 
 from bench.common import best_of, make_table, print_table, shipped_fields, timed
 from bench.training import compute_only_samples_per_s
-from esmm import schema
+from contract import schema
 from esmm.data import DataConfig, partition_urls, train_batches
 
 

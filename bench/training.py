@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 from bench.common import PROJECT_ROOT, make_table, print_table, shipped_fields
-from esmm.config import FieldsConfig
+from contract.fields import FieldsConfig
 from esmm.data import DataConfig, partition_urls, train_batches
 from esmm.model import build_model
 from esmm.train import TrainConfig, build_optimizers, train_step
@@ -119,7 +119,7 @@ def petastorm_loader_batches(urls, fields: FieldsConfig, cfg: DataConfig, seed: 
     from petastorm.arrow_reader_worker import ArrowReaderWorkerResultsQueueReader
     from petastorm.pytorch import BatchedDataLoader
 
-    from esmm import schema
+    from contract import schema
     from esmm.data import _make_reader, _Prefetcher, _to_tensors
 
     torch.manual_seed(seed)

@@ -1,7 +1,9 @@
-"""ESMM: the torch side of the pipeline (config, schema, model, Petastorm input, Horovod training).
+"""ESMM: the torch side of the pipeline (model, losses, metrics, Petastorm input, Horovod
+training, MLflow tracking, the promotion gate and the served pyfunc).
 
-Importing the package itself is cheap (no torch): the Spark side imports `esmm.config` and
-`esmm.schema` on executors, where torch may not be installed.
+It reads only what :mod:`contract` defines (the field list, the table's schema and layout) and
+imports nothing from the Spark side (``features/``). Importing the package itself is cheap:
+torch is imported by its modules, not here.
 """
 
 __version__ = "0.1.0"

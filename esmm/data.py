@@ -6,7 +6,7 @@ asks for ``train_batches(...)`` (shuffled, sharded, as tensors) and ``eval_batch
 
 Why ``make_batch_reader``: Petastorm's row-by-row ``DataLoader`` collates in Python (4.6 s
 for 2M rows here) while the batched reader hands whole row groups over as numpy arrays.
-Multi-valued fields are stored padded to a fixed length (:mod:`esmm.schema`), so each is
+Multi-valued fields are stored padded to a fixed length (:mod:`contract.schema`), so each is
 viewed as one ``[rows, max_len]`` array, and plain numeric columns are taken zero-copy
 rather than through pandas (:func:`_use_fast_list_conversion`). Batches are assembled as
 Petastorm 0.12's ``BatchedDataLoader`` assembles them (same shuffling buffer, same random
@@ -27,7 +27,6 @@ import contextlib
 import functools
 import math
 import multiprocessing as mp
-import os
 import pickle
 import queue
 import re
@@ -37,22 +36,21 @@ import types
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from datetime import date, timedelta
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from esmm import schema
-from esmm.config import FieldsConfig, StrictModel
+from contract import schema
+from contract.config import StrictModel
+from contract.fields import FieldsConfig
+from contract.layout import as_url, partition_dir
 
 __all__ = [
     "DataConfig",
     "DataError",
     "count_rows",
     "eval_batches",
-    "parse_dates",
     "partition_urls",
     "start_input_server",
     "train_batches",
@@ -102,44 +100,6 @@ class DataConfig(StrictModel):
     input_process: bool = True
 
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def parse_dates(spec: str) -> list[str]:
-    """Dates from ``A..B`` (inclusive range), ``A,B,C`` or ``A``; each ``YYYY-MM-DD``.
-
-    Non-date partition names (``train``, ``test`` of an ingested Ali-CCP table) are taken
-    as they are when given as a list.
-    """
-    spec = spec.strip()
-    if ".." in spec:
-        start_text, _, end_text = spec.partition("..")
-        try:
-            start, end = date.fromisoformat(start_text), date.fromisoformat(end_text)
-        except ValueError:
-            raise DataError(f"bad date range '{spec}': expected YYYY-MM-DD..YYYY-MM-DD") from None
-        if end < start:
-            raise DataError(f"bad date range '{spec}': the end is before the start")
-        return [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise DataError("empty date list")
-    for part in parts:
-        if _DATE.match(part):
-            try:
-                date.fromisoformat(part)
-            except ValueError:
-                raise DataError(f"bad date '{part}'") from None
-    return parts
-
-
-def _as_url(path_or_url: str) -> str:
-    """Petastorm wants URLs; a plain path becomes an absolute ``file://`` URL."""
-    if urlparse(path_or_url).scheme:
-        return path_or_url.rstrip("/")
-    return "file://" + os.path.abspath(path_or_url)
-
-
 def partition_urls(features: str, partitions: Sequence[str]) -> list[str]:
     """URLs of ``features/dt=P`` for each partition; DataError naming any that is missing.
 
@@ -148,7 +108,7 @@ def partition_urls(features: str, partitions: Sequence[str]) -> list[str]:
     """
     import pyarrow.fs as pafs
 
-    urls = [f"{_as_url(features)}/{schema.PARTITION}={p}" for p in partitions]
+    urls = [partition_dir(as_url(features), p) for p in partitions]
     missing = []
     for url in urls:
         filesystem, path = pafs.FileSystem.from_uri(url)
@@ -242,7 +202,7 @@ def _use_fast_list_conversion(reader) -> None:
     Petastorm 0.12 turns a list column into numpy with ``to_pandas()`` (an object array of
     one small array per row) and ``np.vstack`` of those: 60% of the input's time here, spent
     holding the GIL in the thread that iterates the reader, i.e. beside the training step.
-    The padded multi-valued fields (:mod:`esmm.schema`) are one flat Arrow buffer; viewing it
+    The padded multi-valued fields (:mod:`contract.schema`) are one flat Arrow buffer; viewing it
     as ``[rows, max_len]`` gives the same array for a small fraction of the cost. Plain
     numeric columns without nulls are likewise viewed zero-copy instead of going through a
     pandas Series. Petastorm is pinned (pyproject.toml); a reader of another kind than

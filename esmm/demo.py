@@ -18,8 +18,8 @@ import sys
 from datetime import date, timedelta
 from pathlib import Path
 
+from contract.config import add_override_argument
 from esmm import launch
-from esmm.config import add_override_argument
 
 BIN = launch.BIN
 

@@ -51,8 +51,8 @@ import numpy as np
 import yaml
 from pydantic import Field
 
+from contract.config import ConfigError, StrictModel, add_override_argument, load_config
 from esmm import launch
-from esmm.config import ConfigError, StrictModel, add_override_argument, load_config
 from esmm.losses import TaskWeights
 from esmm.model import Variant
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
-from esmm.config import StrictModel
+from contract.config import StrictModel
 from esmm.model import ESCM2_VARIANTS, ESMM_VARIANTS, SEPARATE_CVR_VARIANTS, Variant
 
 __all__ = [

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from esmm.config import FieldsConfig, FieldSpec, StrictModel
-from esmm.schema import PADDING_ID
+from contract.config import StrictModel
+from contract.fields import FieldsConfig, FieldSpec
+from contract.schema import PADDING_ID
 
 __all__ = [
     "ESCM2_VARIANTS",
@@ -118,7 +119,7 @@ class FieldEmbedding(nn.Module):
         Tensor ``[B, embedding_dim]``.
 
     Example:
-        >>> from esmm.config import FieldSpec
+        >>> from contract.fields import FieldSpec
         >>> spec = FieldSpec(name="tags", kind="multi", source="items.tags",
         ...                  num_buckets=10, max_len=3)
         >>> FieldEmbedding(spec, embedding_dim=4)(torch.tensor([[1, 2, 0]])).shape
@@ -160,7 +161,7 @@ class EmbeddingCollection(nn.Module):
         Tensor ``[B, len(fields) * embedding_dim]``.
 
     Example:
-        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> from contract.fields import FieldSpec, FieldsConfig
         >>> fields = FieldsConfig(fields=[
         ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5),
         ...     FieldSpec(name="tags", kind="multi", source="items.tags", num_buckets=9,
@@ -287,7 +288,7 @@ class ESMMModel(nn.Module):
         layer gives ê ≡ 0, the case where the DR risk is the IPS risk).
 
     Example:
-        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> from contract.fields import FieldSpec, FieldsConfig
         >>> fields = FieldsConfig(fields=[
         ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5)])
         >>> model = build_model(fields, ModelConfig(embedding_dim=4, hidden_dims=[8]))
@@ -379,7 +380,7 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
         The untrained model.
 
     Example:
-        >>> from esmm.config import FieldSpec, FieldsConfig
+        >>> from contract.fields import FieldSpec, FieldsConfig
         >>> fields = FieldsConfig(fields=[
         ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5)])
         >>> model = build_model(fields, ModelConfig(variant="base"))

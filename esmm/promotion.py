@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from esmm.config import ConfigError, StrictModel, add_override_argument, load_config
+from contract.config import ConfigError, StrictModel, add_override_argument, load_config
 
 __all__ = [
     "Decision",
@@ -199,10 +199,11 @@ def read_eval_day(features: str, eval_date: str):
     """The evaluation partition as a pandas frame (pyarrow; one day fits in memory)."""
     import pyarrow.parquet as pq
 
-    from esmm.data import DataError, parse_dates, partition_urls
+    from contract.dates import parse_partitions
+    from esmm.data import DataError, partition_urls
 
     try:
-        (url,) = partition_urls(features, parse_dates(eval_date))
+        (url,) = partition_urls(features, parse_partitions(eval_date, "--eval-date"))
     except (DataError, ValueError) as exc:
         raise GateInputError(str(exc)) from None
     return pq.read_table(url.removeprefix("file://")).to_pandas()

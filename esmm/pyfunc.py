@@ -34,7 +34,7 @@ class ESMMPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from esmm.config import FieldsConfig
+        from contract.fields import FieldsConfig
         from esmm.model import ModelConfig, build_model
 
         payload = torch.load(context.artifacts["checkpoint"], map_location="cpu")

@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from esmm.config import StrictModel
+import contract
+import esmm
+from contract.config import StrictModel
+from contract.dates import parse_partitions
+from contract.layout import read_stats
 
 __all__ = [
     "TrackingConfig",
@@ -267,13 +271,11 @@ class RunTracker:
             }
         )
         mlflow.log_metric("train_rows", train_rows)
-        from esmm.data import parse_dates
-
-        stats_dir = Path(features) / "_stats"
-        for partition in parse_dates(train_dates):
-            stats_file = stats_dir / f"dt={partition}.json"
-            if stats_file.is_file():
-                mlflow.log_artifact(str(stats_file), artifact_path="train_partition_stats")
+        # Through pyarrow's filesystems, so an hdfs:// or s3:// table's stats are logged too.
+        for partition in parse_partitions(train_dates, "--train-dates"):
+            partition_stats = read_stats(features, partition)
+            if partition_stats is not None:
+                mlflow.log_dict(partition_stats, f"train_partition_stats/dt={partition}.json")
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch metrics, step = epoch number (1-based); NaN metrics are skipped."""
@@ -337,7 +339,9 @@ class RunTracker:
                 name="model",
                 python_model=ESMMPyfunc(),
                 artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(Path(__file__).resolve().parent)],
+                # The model's code: the torch side and the contract it reads, nothing else (the
+                # experiment drivers and the Spark side stay out of every registered model).
+                code_paths=[str(Path(esmm.__file__).parent), str(Path(contract.__file__).parent)],
                 signature=signature,
                 input_example=example,
                 registered_model_name=self.cfg.registered_model_name,

@@ -22,20 +22,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from esmm.config import (
-    ConfigError,
-    FieldsConfig,
-    StrictModel,
-    add_override_argument,
-    load_config,
-)
+from contract.config import ConfigError, StrictModel, add_override_argument, load_config
+from contract.dates import DateError, parse_partitions
+from contract.fields import FieldsConfig
 from esmm.data import (
     DataConfig,
     DataError,
     count_rows,
     eval_batches,
     numpy_batch_to_tensors,
-    parse_dates,
     partition_urls,
     start_input_server,
     train_batches,
@@ -165,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, TrainConfig, args.overrides)
         fields = load_config(args.fields or cfg.fields_config, FieldsConfig)
-        train_urls = partition_urls(args.features, parse_dates(args.train_dates))
-        eval_parts = parse_dates(args.eval_date)
+        train_urls = partition_urls(
+            args.features, parse_partitions(args.train_dates, "--train-dates")
+        )
+        eval_parts = parse_partitions(args.eval_date, "--eval-date")
         eval_urls = partition_urls(args.features, eval_parts)
         oracle_root = args.oracle or cfg.oracle
         oracle = load_oracle(oracle_root, eval_parts) if oracle_root else None
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, DateError) as exc:
         return fail(str(exc))
     start_input_server(cfg.data)  # its imports overlap the set-up below
 

@@ -1,4 +1,4 @@
-"""Ali-CCP (the ESMM paper's public dataset) → the feature table of :mod:`esmm.schema`.
+"""Ali-CCP (the ESMM paper's public dataset) → the feature table of :mod:`contract.schema`.
 
 The raw dataset is two pairs of files, one pair per split (``train``, ``test``):
 
@@ -39,8 +39,8 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig, FieldSpec
-from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
+from contract.fields import FieldsConfig, FieldSpec
+from contract.schema import CLICK, CONVERSION, IMPRESSION_ID
 from features import io, stats
 from features.transforms import hash_bag, hash_id
 

@@ -6,12 +6,11 @@ stderr and exit code 2, before Spark starts where possible, never in a JVM stack
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 from typing import NoReturn
 
-__all__ = ["UsageError", "die", "is_local_path", "parse_date"]
+__all__ = ["UsageError", "die", "is_local_path", "local_dir_exists", "local_path"]
 
 EXIT_USAGE = 2
 
@@ -46,14 +45,6 @@ def _print_to_spark_submit_stderr(line: str) -> bool:
         return True
     except Exception:
         return False
-
-
-def parse_date(value: str, option: str) -> dt.date:
-    """``YYYY-MM-DD`` → date; :class:`UsageError` naming ``option`` otherwise."""
-    try:
-        return dt.datetime.strptime(value, "%Y-%m-%d").date()
-    except ValueError:
-        raise UsageError(f"{option} '{value}' is not a date of the form YYYY-MM-DD") from None
 
 
 def is_local_path(path: str) -> bool:

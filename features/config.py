@@ -1,7 +1,7 @@
 """Typed configuration of the Spark jobs: the funnel simulator and the feature job.
 
-Both are loaded with :func:`esmm.config.load_config` (the one YAML loader), so an unknown key,
-a wrong type or an out-of-range rate ends in one :class:`esmm.config.ConfigError` naming the
+Both are loaded with :func:`contract.config.load_config` (the one YAML loader), so an unknown key,
+a wrong type or an out-of-range rate ends in one :class:`contract.config.ConfigError` naming the
 file and the key.
 
 - ``conf/simulator.yaml`` → :class:`SimulatorConfig` (presets of :class:`SimulatorPreset`);
@@ -14,7 +14,7 @@ import math
 
 from pydantic import Field, model_validator
 
-from esmm.config import StrictModel
+from contract.config import StrictModel
 
 __all__ = [
     "AttributionConfig",

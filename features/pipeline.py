@@ -16,8 +16,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig
-from esmm.schema import IMPRESSION_ID
+from contract.fields import FieldsConfig
+from contract.schema import IMPRESSION_ID
 from features import io, stats, transforms
 from features.config import FeaturesConfig
 from features.raw import count_lines, read_log, record_text

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from esmm import schema
+from contract import schema
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -14,8 +14,8 @@ from typing import Any
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig
-from esmm.schema import CLICK, CONVERSION
+from contract.fields import FieldsConfig
+from contract.schema import CLICK, CONVERSION
 from features.transforms import (
     DEDUPLICATED,
     IMPRESSION_QUARANTINE_REASONS,

@@ -34,8 +34,8 @@ from functools import reduce
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig, FieldSpec
-from esmm.schema import CLICK, CONVERSION, IMPRESSION_ID
+from contract.fields import FieldsConfig, FieldSpec
+from contract.schema import CLICK, CONVERSION, IMPRESSION_ID
 from features.raw import LOG_KEYS, READ_COLUMNS, record_text
 
 __all__ = [
@@ -482,7 +482,7 @@ def encode_features(
     profiles: dict[str, tuple[DataFrame, str]],
     fields: FieldsConfig,
 ) -> DataFrame:
-    """Labelled impressions → the feature table (the schema of :mod:`esmm.schema`).
+    """Labelled impressions → the feature table (the schema of :mod:`contract.schema`).
 
     Args:
         impressions: valid, labelled impressions (raw impression columns, ``click``,

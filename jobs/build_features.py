@@ -7,7 +7,7 @@ Example (local):
 
 For each day D it reads D's impressions, the click / conversion folders the attribution
 windows need, and D's user / item snapshots, and writes ``<out>/dt=D/`` (Parquet, the schema
-of esmm/schema.py), ``<out>/_quarantine/dt=D/log=<log>/`` and ``<out>/_stats/dt=D.json``,
+of contract/schema.py), ``<out>/_quarantine/dt=D/log=<log>/`` and ``<out>/_stats/dt=D.json``,
 each replaced atomically. Exit codes: 0 ok, 1 accounting check failed (nothing published for
 that day), 2 bad arguments or inputs. See docs/DATA.md.
 """
@@ -24,8 +24,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from esmm.config import ConfigError, FieldsConfig, add_override_argument, load_config  # noqa: E402
-from features.cli import UsageError, die, is_local_path, local_dir_exists, parse_date  # noqa: E402
+from contract.config import ConfigError, add_override_argument, load_config  # noqa: E402
+from contract.dates import DateError, parse_day  # noqa: E402
+from contract.fields import FieldsConfig  # noqa: E402
+from features.cli import UsageError, die, is_local_path, local_dir_exists  # noqa: E402
 from features.config import FeaturesConfig  # noqa: E402
 
 PROG = "build_features.py"
@@ -67,12 +69,12 @@ def _days(args: argparse.Namespace) -> list[str]:
     if args.date and (args.start_date or args.end_date):
         raise UsageError("give either --date or --start-date/--end-date, not both")
     if args.date:
-        return [parse_date(args.date, "--date").isoformat()]
+        return [parse_day(args.date, "--date").isoformat()]
     if not (args.start_date and args.end_date):
         raise UsageError("give --date, or both --start-date and --end-date")
     start, end = (
-        parse_date(args.start_date, "--start-date"),
-        parse_date(args.end_date, "--end-date"),
+        parse_day(args.start_date, "--start-date"),
+        parse_day(args.end_date, "--end-date"),
     )
     if end < start:
         raise UsageError(f"--end-date {end} is before --start-date {start}")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise UsageError(
                         f"no impressions for {day}: {args.raw}/impressions/dt={day} does not exist"
                     )
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, DateError, ConfigError) as exc:
         die(PROG, str(exc))
 
     from features.pipeline import AccountingError, InputError, build_day

@@ -22,8 +22,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from esmm.config import ConfigError, add_override_argument, load_config  # noqa: E402
-from features.cli import UsageError, die, parse_date  # noqa: E402
+from contract.config import ConfigError, add_override_argument, load_config  # noqa: E402
+from contract.dates import DateError, parse_day  # noqa: E402
+from features.cli import UsageError, die  # noqa: E402
 from features.config import SimulatorConfig  # noqa: E402
 
 PROG = "generate_logs.py"
@@ -64,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     """Validate the arguments, simulate, write, print a summary."""
     args = parse_args(argv)
     try:
-        start = parse_date(args.start_date, "--start-date")
+        start = parse_day(args.start_date, "--start-date")
         if args.days < 1:
             raise UsageError(f"--days must be >= 1, got {args.days}")
         config = load_config(args.config, SimulatorConfig, args.overrides)
         preset = config.preset(args.preset)
-    except (UsageError, ConfigError, KeyError) as exc:
+    except (UsageError, DateError, ConfigError, KeyError) as exc:
         die(PROG, str(exc).strip("'\""))
 
     from features.simulator import simulate

@@ -6,7 +6,7 @@ Example (local, from the folder holding the four unpacked .csv files):
         jobs/ingest_aliccp.py --input ~/aliccp --out var/aliccp/features
 
 Reads ``sample_skeleton_{train,test}.csv`` and ``common_features_{train,test}.csv`` and writes
-``<out>/dt=train/`` and ``<out>/dt=test/`` (Parquet, the schema of esmm/schema.py),
+``<out>/dt=train/`` and ``<out>/dt=test/`` (Parquet, the schema of contract/schema.py),
 ``<out>/_quarantine/dt=<split>/log=<file>/`` and ``<out>/_stats/dt=<split>.json``, each
 replaced atomically. Exit codes: 0 ok, 1 accounting check failed (that split is not
 published), 2 bad arguments or inputs. See docs/ALICCP.md.
@@ -24,7 +24,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from esmm.config import ConfigError, FieldsConfig, load_config  # noqa: E402
+from contract.config import ConfigError, load_config  # noqa: E402
+from contract.fields import FieldsConfig  # noqa: E402
 from features.cli import UsageError, die, is_local_path, local_dir_exists, local_path  # noqa: E402
 
 PROG = "ingest_aliccp.py"

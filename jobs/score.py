@@ -24,13 +24,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
+from contract.dates import DateError, parse_day  # noqa: E402
 from features.cli import (  # noqa: E402
     UsageError,
     die,
     is_local_path,
     local_dir_exists,
     local_path,
-    parse_date,
 )
 
 PROG = "score.py"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
     try:
-        day = parse_date(args.date, "--date").isoformat()
+        day = parse_day(args.date, "--date").isoformat()
         if is_local_path(args.features) and not local_dir_exists(f"{args.features}/dt={day}"):
             raise UsageError(f"no feature table for {day}: {args.features}/dt={day} is missing")
         model = resolve_model(mlflow.MlflowClient(), args.model)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.features}/dt={day} does not match the signature of {model.uri}: "
                     + "; ".join(problems)
                 )
-    except (UsageError, ScoringInputError) as exc:
+    except (UsageError, DateError, ScoringInputError) as exc:
         die(PROG, str(exc))
     except mlflow.exceptions.MlflowException as exc:
         die(PROG, f"MLflow: {exc.message}", code=1)

@@ -1,6 +1,6 @@
 """Small feature tables written directly with pyarrow, for tests of the torch side.
 
-They follow :func:`esmm.schema.arrow_schema` exactly and carry a learnable signal (click and
+They follow :func:`contract.schema.arrow_schema` exactly and carry a learnable signal (click and
 conversion depend on a few field ids), plus an oracle table, so the trainer can be tested
 without running the Spark jobs.
 """
@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esmm import schema
-from esmm.config import FieldsConfig, load_config
+from contract import schema
+from contract.config import load_config
+from contract.fields import FieldsConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig, load_config
+from contract.config import load_config
+from contract.fields import FieldsConfig
 from features import aliccp
 from features.aliccp import COMMON, KNOWN_SAMPLE, SKELETON, Reason
 from features.transforms import hash_id
@@ -163,7 +164,7 @@ def test_table_matches_the_schema_contract_with_row_groups_for_two_ranks(ingeste
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from esmm.schema import arrow_schema
+    from contract.schema import arrow_schema
 
     _, out, _ = ingested
     expected = arrow_schema(FIELDS)

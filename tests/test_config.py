@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from esmm.config import ConfigError, FieldsConfig, load_config, parse_overrides
+from contract.config import ConfigError, load_config, parse_overrides
+from contract.fields import FieldsConfig
 from tests.helpers import PROJECT_ROOT, run_command
 
 

@@ -144,7 +144,7 @@ def test_train_batches_are_petastorms_batched_loader_batches(tmp_path, batch_siz
     # algorithm and random draws as Petastorm's BatchedDataLoader: the same rows, same order.
     from petastorm.pytorch import BatchedDataLoader
 
-    from esmm import schema
+    from contract import schema
     from esmm.data import _make_reader, _to_tensors
 
     fields = small_fields()
@@ -253,7 +253,7 @@ def test_a_script_without_a_main_guard_can_train(table, tmp_path):
     fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
     script = tmp_path / "no_guard.py"
     script.write_text(
-        "from esmm.config import FieldsConfig, load_config\n"
+        "from contract.config import load_config\nfrom contract.fields import FieldsConfig\n"
         "from esmm.data import DataConfig, partition_urls, train_batches\n"
         f"fields = load_config({str(fields_file)!r}, FieldsConfig)\n"
         f"urls = partition_urls({str(root)!r}, ['2026-01-02'])\n"

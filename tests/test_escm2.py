@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from esmm.config import FieldsConfig, FieldSpec
+from contract.fields import FieldsConfig, FieldSpec
 from esmm.losses import LossConfig, compute_loss
 from esmm.model import ModelConfig, build_model
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from contract.config import ConfigError
 from esmm import experiments as ex
-from esmm.config import ConfigError
 from esmm.losses import TaskWeights
 from tests.helpers import run_command
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from esmm.config import FieldsConfig, FieldSpec, load_config
+from contract.config import load_config
+from contract.fields import FieldsConfig, FieldSpec
 from features import stats, transforms
 from features.config import AttributionConfig, FeaturesConfig
 from features.raw import count_lines, read_log
@@ -583,7 +584,7 @@ def _value_type(arrow_type):
 def test_written_parquet_matches_the_schema_contract_with_enough_row_groups(two_built_days):
     import pyarrow.parquet as pq
 
-    from esmm.schema import arrow_schema
+    from contract.schema import arrow_schema
 
     _, out, _ = two_built_days
     fields = load_config(ROOT / "conf/fields.yaml", FieldsConfig)

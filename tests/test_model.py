@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from esmm.config import FieldsConfig, FieldSpec
+from contract.fields import FieldsConfig, FieldSpec
 from esmm.model import (
     EmbeddingCollection,
     ESMMModel,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from esmm.config import ConfigError, load_config
+from contract.config import ConfigError, load_config
 from esmm.promotion import (
     NAN_PREDICTIONS,
     GateConfig,

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from esmm import schema
+from contract import schema
 from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
 from tests.helpers import VENV_BIN, run_command
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from esmm.config import ConfigError, load_config
+from contract.config import ConfigError, load_config
 from features.config import SimulatorConfig
 from features.simulator import simulate, uniform
 

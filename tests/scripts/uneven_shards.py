@@ -9,7 +9,8 @@ import sys
 import horovod.torch as hvd
 import torch
 
-from esmm.config import FieldsConfig, load_config
+from contract.config import load_config
+from contract.fields import FieldsConfig
 from esmm.data import DataConfig, partition_urls, train_batches
 from esmm.train import LockStep
 
