@@ -14,7 +14,6 @@ from esmm.data import (
     DataError,
     count_rows,
     eval_batches,
-    parse_dates,
     partition_urls,
     train_batches,
 )
@@ -28,20 +27,6 @@ def table(tmp_path_factory):
     write_feature_day(root, "2026-01-01", fields, rows=1000, seed=1)
     write_feature_day(root, "2026-01-02", fields, rows=600, seed=2)
     return root, fields
-
-
-def test_date_specs_expand_to_partitions():
-    assert parse_dates("2026-01-30..2026-02-02") == [
-        "2026-01-30",
-        "2026-01-31",
-        "2026-02-01",
-        "2026-02-02",
-    ]
-    assert parse_dates("train,test") == ["train", "test"]
-    with pytest.raises(DataError, match="end is before the start"):
-        parse_dates("2026-02-02..2026-02-01")
-    with pytest.raises(DataError, match="bad date '2026-13-01'"):
-        parse_dates("2026-13-01")
 
 
 def test_missing_partition_is_named(table):
