@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
+from contract import commands
 from contract.config import add_override_argument
-from esmm import launch
+from contract.dates import DateError, day_range, parse_day
 
-BIN = launch.BIN
+BIN = commands.BIN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,14 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.days < 2:
         parser.error("--days must be at least 2 (train days + one evaluation day)")
+    try:
+        args.start_date = parse_day(args.start_date, "--start-date")
+    except DateError as exc:
+        parser.error(str(exc))
     return args
 
 
 def run_step(title: str, command: list[str], env: dict[str, str]) -> float:
     """Run one pipeline step in the foreground; exit with its status if it fails."""
     try:
-        return launch.run_step(title, command, env)
-    except launch.StepFailed as exc:
+        return commands.run_step(title, command, env)
+    except commands.StepFailed as exc:
         print(f"\nesmm.demo: {exc}", file=sys.stderr)
         sys.exit(exc.returncode)
 
@@ -69,71 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     raw, features = workdir / "raw", workdir / "features"
     store = workdir / "mlflow" / "mlflow.db"
     store.parent.mkdir(parents=True, exist_ok=True)
-    start = date.fromisoformat(args.start_date)
-    days = [(start + timedelta(days=i)).isoformat() for i in range(args.days)]
+    days = day_range(args.start_date, args.start_date + timedelta(days=args.days - 1))
 
     tracking_uri = args.tracking_uri or f"sqlite:///{store}"
-    env = launch.pipeline_env(tracking_uri)
-    spark_submit = launch.spark_submit()
+    env = commands.pipeline_env(tracking_uri)
     timings = {}
     # One day more of logs than of features: day D's late clicks/conversions land in D+1.
-    timings["simulate"] = run_step(
-        "simulate raw logs",
-        [
-            *spark_submit,
-            "jobs/generate_logs.py",
-            "--preset",
-            args.preset,
-            "--start-date",
-            days[0],
-            "--days",
-            str(args.days + 1),
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(raw),
-        ],
-        env,
+    simulate = commands.generate_logs_args(
+        raw, days[0], args.days + 1, preset=args.preset, seed=args.seed
     )
+    timings["simulate"] = run_step(
+        "simulate raw logs", commands.spark_job(BIN, "generate_logs", simulate), env
+    )
+    build = commands.build_features_args(raw, features, days[0], days[-1])
     timings["features"] = run_step(
-        "build feature tables",
-        [
-            *spark_submit,
-            "jobs/build_features.py",
-            "--raw",
-            str(raw),
-            "--out",
-            str(features),
-            "--start-date",
-            days[0],
-            "--end-date",
-            days[-1],
-        ],
-        env,
+        "build feature tables", commands.spark_job(BIN, "build_features", build), env
+    )
+    train = commands.train_args(
+        "conf/train.yaml",
+        features,
+        f"{days[0]}..{days[-2]}",
+        days[-1],
+        oracle=raw / "oracle",
+        checkpoint_dir=workdir / "checkpoints",
+        run_name="demo",
+        sets=args.overrides,
     )
     timings["train"] = run_step(
-        f"train ESMM with horovodrun -np {args.np}",
-        [
-            *launch.horovodrun(args.np),
-            "-m",
-            "esmm.train",
-            "--config",
-            "conf/train.yaml",
-            "--features",
-            str(features),
-            "--train-dates",
-            f"{days[0]}..{days[-2]}",
-            "--eval-date",
-            days[-1],
-            "--oracle",
-            str(raw / "oracle"),
-            "--checkpoint-dir",
-            str(workdir / "checkpoints"),
-            "--run-name",
-            "demo",
-            *launch.set_args(args.overrides),
-        ],
-        env,
+        f"train ESMM with horovodrun -np {args.np}", commands.trainer(BIN, args.np, train), env
     )
     print(
         "\n=== demo finished in {:.0f}s ({})".format(

@@ -51,8 +51,8 @@ import numpy as np
 import yaml
 from pydantic import Field
 
+from contract import commands
 from contract.config import ConfigError, StrictModel, add_override_argument, load_config
-from esmm import launch
 from esmm.losses import TaskWeights
 from esmm.model import Variant
 
@@ -196,7 +196,7 @@ class Context:
 
     @property
     def env(self) -> dict[str, str]:
-        return launch.pipeline_env(self.tracking_uri)
+        return commands.pipeline_env(self.tracking_uri)
 
 
 @dataclass(frozen=True)
@@ -229,38 +229,23 @@ def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
         if spec.impressions_per_day:
             sets.append(f"presets.{spec.preset}.impressions_per_day={spec.impressions_per_day}")
         # One day more of raw logs than of features: the last day's late events land in D+1.
-        simulate = [
-            *launch.spark_submit(),
-            "jobs/generate_logs.py",
-            "--preset",
-            spec.preset,
-            "--start-date",
-            days[0],
-            "--days",
-            str(len(days) + 1),
-            "--seed",
-            str(spec.seed),
-            "--out",
-            str(paths.raw),
-            *launch.set_args(sets),
-        ]
-        build = [
-            *launch.spark_submit(),
-            "jobs/build_features.py",
-            "--raw",
-            str(paths.raw),
-            "--out",
-            str(paths.features),
-            "--start-date",
-            days[0],
-            "--end-date",
-            days[-1],
-        ]
+        simulate = commands.spark_job(
+            commands.BIN,
+            "generate_logs",
+            commands.generate_logs_args(
+                paths.raw, days[0], len(days) + 1, spec.preset, spec.seed, sets
+            ),
+        )
+        build = commands.spark_job(
+            commands.BIN,
+            "build_features",
+            commands.build_features_args(paths.raw, paths.features, days[0], days[-1]),
+        )
         logs = ctx.workdir / "logs"
         print(f"dataset {key}: simulating {len(days) + 1} days", file=sys.stderr, flush=True)
-        launch.run_step(f"simulate {key}", simulate, ctx.env, log=logs / f"{key}-simulate.log")
+        commands.run_step(f"simulate {key}", simulate, ctx.env, log=logs / f"{key}-simulate.log")
         print(f"dataset {key}: building {len(days)} feature days", file=sys.stderr, flush=True)
-        launch.run_step(f"features {key}", build, ctx.env, log=logs / f"{key}-features.log")
+        commands.run_step(f"features {key}", build, ctx.env, log=logs / f"{key}-features.log")
         ready.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
     ctx.datasets[key] = paths
     return paths
@@ -286,30 +271,23 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
         *ctx.cfg.train_overrides,
         *spec.overrides,
     ]
-    command = [
-        *launch.horovodrun(ctx.cfg.np),
-        "-m",
-        "esmm.train",
-        "--config",
-        ctx.cfg.train_config,
-        "--features",
-        str(data.features),
-        "--train-dates",
-        data.train_dates,
-        "--eval-date",
-        data.eval_dates,
-        "--oracle",
-        str(data.raw / "oracle"),
-        "--checkpoint-dir",
-        str(checkpoints),
-        "--run-name",
-        f"{spec.label} seed {spec.seed}",
-        "--no-progress",
-        "--summary-json",
-        str(summary_path.with_suffix(".trainer.json")),
-        *launch.set_args(overrides),
-    ]
-    seconds = launch.run_step(
+    command = commands.trainer(
+        commands.BIN,
+        ctx.cfg.np,
+        commands.train_args(
+            ctx.cfg.train_config,
+            data.features,
+            data.train_dates,
+            data.eval_dates,
+            oracle=data.raw / "oracle",
+            checkpoint_dir=checkpoints,
+            run_name=f"{spec.label} seed {spec.seed}",
+            summary_json=summary_path.with_suffix(".trainer.json"),
+            no_progress=True,
+            sets=overrides,
+        ),
+    )
+    seconds = commands.run_step(
         f"train {spec.label} seed {spec.seed}",
         command,
         ctx.env,
@@ -908,7 +886,7 @@ def resolve_context(cfg: ExperimentConfig, fresh: bool) -> Context:
 
     workdir = Path(cfg.workdir)
     if not workdir.is_absolute():
-        workdir = launch.PROJECT_ROOT / workdir
+        workdir = commands.PROJECT_ROOT / workdir
     workdir.mkdir(parents=True, exist_ok=True)
     uri = (
         os.environ.get("MLFLOW_TRACKING_URI")
@@ -973,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         try:
             outcome = COMMANDS[name](ctx, run_id, out)
-        except launch.StepFailed as exc:
+        except commands.StepFailed as exc:
             close_parent(ctx, run_id, None, time.monotonic() - t0)
             if top:
                 close_parent(ctx, top, None, time.monotonic() - started)

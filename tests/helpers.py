@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from esmm import launch
+from contract import commands
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -89,7 +89,7 @@ def run_horovodrun(
         The exit code and each rank's output.
     """
     target = ["-m", str(script)] if module else [str(script)]
-    command = [*launch.horovodrun(np), *target, *args]
+    command = [*commands.horovodrun(VENV_BIN, np), *target, *args]
     proc = subprocess.run(
         command,
         cwd=PROJECT_ROOT,
