@@ -15,20 +15,27 @@ that day), 2 bad arguments or inputs. See docs/DATA.md.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from contract.config import ConfigError, add_override_argument, load_config  # noqa: E402
-from contract.dates import DateError, parse_day  # noqa: E402
+from contract.dates import DateError, day_range, parse_day  # noqa: E402
 from contract.fields import FieldsConfig  # noqa: E402
 from features.cli import UsageError, die, is_local_path, local_dir_exists  # noqa: E402
 from features.config import FeaturesConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from features.pipeline import DayResult
 
 PROG = "build_features.py"
 
@@ -65,6 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The validated inputs of a run."""
+
+    days: list[str]
+    config: FeaturesConfig
+    fields: FieldsConfig
+
+
 def _days(args: argparse.Namespace) -> list[str]:
     if args.date and (args.start_date or args.end_date):
         raise UsageError("give either --date or --start-date/--end-date, not both")
@@ -72,63 +88,109 @@ def _days(args: argparse.Namespace) -> list[str]:
         return [parse_day(args.date, "--date").isoformat()]
     if not (args.start_date and args.end_date):
         raise UsageError("give --date, or both --start-date and --end-date")
-    start, end = (
-        parse_day(args.start_date, "--start-date"),
-        parse_day(args.end_date, "--end-date"),
-    )
+    start = parse_day(args.start_date, "--start-date")
+    end = parse_day(args.end_date, "--end-date")
     if end < start:
         raise UsageError(f"--end-date {end} is before --start-date {start}")
-    return [(start + dt.timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
+    return day_range(start, end)
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """Everything that can be checked before Spark starts; UsageError otherwise."""
+    try:
+        days = _days(args)
+        config = load_config(args.config, FeaturesConfig, args.overrides)
+        fields = load_config(args.fields, FieldsConfig)
+    except (DateError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    if is_local_path(args.raw):
+        if not local_dir_exists(args.raw):
+            raise UsageError(f"--raw {args.raw} is not a directory")
+        for day in days:
+            if not local_dir_exists(f"{args.raw}/impressions/dt={day}"):
+                raise UsageError(
+                    f"no impressions for {day}: {args.raw}/impressions/dt={day} does not exist"
+                )
+    return Plan(days=days, config=config, fields=fields)
+
+
+def run(
+    spark: SparkSession,
+    args: argparse.Namespace,
+    plan: Plan | None = None,
+    on_day: Callable[[DayResult, float], None] | None = None,
+) -> list[DayResult]:
+    """Build, check and publish every day of ``args`` with ``spark``, in order.
+
+    ``plan`` is :func:`check_args`' result when the caller has it already;
+    ``on_day(result, seconds)`` is called after each day is published. The session's
+    shuffle partitions are the config's while the days build, and restored afterwards.
+
+    Raises:
+        UsageError: bad arguments, or inputs that are missing or empty.
+        AccountingError: a day does not account for every input record; that day and the
+            days after it are not published (the days before it are).
+    """
+    from features.pipeline import InputError, build_day
+
+    plan = plan or check_args(args)
+    previous = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", str(plan.config.shuffle_partitions))
+    results = []
+    try:
+        for day in plan.days:
+            began = time.perf_counter()
+            try:
+                result = build_day(spark, args.raw, args.out, day, plan.config, plan.fields)
+            except InputError as exc:
+                raise UsageError(str(exc)) from None
+            results.append(result)
+            if on_day is not None:
+                on_day(result, time.perf_counter() - began)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", previous)
+    return results
+
+
+def summary_line(result: DayResult, seconds: float) -> str:
+    """One line per built day: rows, label rates, counts per log and where it went."""
+    logs, table = result.stats["logs"], result.stats["table"]
+    counts = ", ".join(
+        f"{log} in={c['input']} out={c['output']} quarantined={c['quarantined']} "
+        f"dedup={c['deduplicated']}"
+        for log, c in logs.items()
+    )
+    return (
+        f"{PROG}: {result.day}: {table['rows']} rows (CTR {table['ctr']:.4f}, "
+        f"CVR {table['cvr']:.4f}, CTCVR {table['ctcvr']:.5f}) → {result.table_path}; {counts}; "
+        f"quarantine {result.quarantine_path}; stats {result.stats_path}; {seconds:.1f}s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Validate everything that can be checked before Spark starts, then build each day."""
     args = parse_args(argv)
     try:
-        days = _days(args)
-        config = load_config(args.config, FeaturesConfig, args.overrides)
-        fields = load_config(args.fields, FieldsConfig)
-        if is_local_path(args.raw):
-            if not local_dir_exists(args.raw):
-                raise UsageError(f"--raw {args.raw} is not a directory")
-            for day in days:
-                if not local_dir_exists(f"{args.raw}/impressions/dt={day}"):
-                    raise UsageError(
-                        f"no impressions for {day}: {args.raw}/impressions/dt={day} does not exist"
-                    )
-    except (UsageError, DateError, ConfigError) as exc:
+        plan = check_args(args)
+    except UsageError as exc:
         die(PROG, str(exc))
 
-    from features.pipeline import AccountingError, InputError, build_day
+    from features.pipeline import AccountingError
     from features.spark import get_spark
 
     spark = get_spark(
         "esmm-build-features",
         master=args.master or "local[*]",
-        shuffle_partitions=config.shuffle_partitions,
+        shuffle_partitions=plan.config.shuffle_partitions,
     )
-    for day in days:
-        began = time.perf_counter()
-        try:
-            result = build_day(spark, args.raw, args.out, day, config, fields)
-        except InputError as exc:
-            spark.stop()
-            die(PROG, str(exc))
-        except AccountingError as exc:
-            spark.stop()
-            die(PROG, f"accounting check failed, {exc}; nothing published for {day}", code=1)
-        logs, table = result.stats["logs"], result.stats["table"]
-        counts = ", ".join(
-            f"{log} in={c['input']} out={c['output']} quarantined={c['quarantined']} "
-            f"dedup={c['deduplicated']}"
-            for log, c in logs.items()
-        )
-        print(
-            f"{PROG}: {day}: {table['rows']} rows (CTR {table['ctr']:.4f}, CVR {table['cvr']:.4f}, "
-            f"CTCVR {table['ctcvr']:.5f}) → {result.table_path}; {counts}; "
-            f"quarantine {result.quarantine_path}; stats {result.stats_path}; "
-            f"{time.perf_counter() - began:.1f}s"
-        )
+    try:
+        run(spark, args, plan, on_day=lambda result, seconds: print(summary_line(result, seconds)))
+    except UsageError as exc:
+        spark.stop()
+        die(PROG, str(exc))
+    except AccountingError as exc:
+        spark.stop()
+        die(PROG, f"accounting check failed, {exc}; nothing published for that day", code=1)
     spark.stop()
     return 0
 

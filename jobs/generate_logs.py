@@ -14,9 +14,12 @@ impression_id, pctr, pcvr, click, conversion_if_clicked). See docs/DATA.md.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
@@ -25,7 +28,10 @@ if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the c
 from contract.config import ConfigError, add_override_argument, load_config  # noqa: E402
 from contract.dates import DateError, parse_day  # noqa: E402
 from features.cli import UsageError, die  # noqa: E402
-from features.config import SimulatorConfig  # noqa: E402
+from features.config import SimulatorConfig, SimulatorPreset  # noqa: E402
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 PROG = "generate_logs.py"
 
@@ -61,41 +67,91 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Validate the arguments, simulate, write, print a summary."""
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class Plan:
+    """The validated inputs of a run."""
+
+    start: dt.date
+    days: int
+    preset: SimulatorPreset
+    out: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run wrote: the output root and the oracle's rates over all days."""
+
+    out: str
+    impressions: int
+    ctr: float
+    cvr_given_click: float
+    entire_space_cvr: float
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """Everything that can be checked before Spark starts; UsageError otherwise."""
     try:
         start = parse_day(args.start_date, "--start-date")
         if args.days < 1:
             raise UsageError(f"--days must be >= 1, got {args.days}")
         config = load_config(args.config, SimulatorConfig, args.overrides)
         preset = config.preset(args.preset)
-    except (UsageError, DateError, ConfigError, KeyError) as exc:
-        die(PROG, str(exc).strip("'\""))
+    except (DateError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    except KeyError as exc:
+        raise UsageError(str(exc).strip("'\"")) from None
+    return Plan(start=start, days=args.days, preset=preset, out=args.out.rstrip("/"))
 
+
+def run(spark: SparkSession, args: argparse.Namespace, plan: Plan | None = None) -> Result:
+    """Simulate the days of ``args`` with ``spark`` and write every log, snapshot and oracle
+    (``plan`` is :func:`check_args`' result when the caller has it already)."""
     from features.simulator import simulate
+
+    plan = plan or check_args(args)
+    logs = simulate(
+        spark, plan.preset, plan.start, plan.days, args.seed, partitions=args.partitions
+    )
+    for name in ("impressions", "clicks", "conversions"):
+        getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(f"{plan.out}/{name}")
+    for name in ("users", "items", "oracle"):
+        getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(f"{plan.out}/{name}")
+    oracle = spark.read.parquet(f"{plan.out}/oracle")
+    rates = oracle.agg({"click": "avg", "conversion_if_clicked": "avg", "*": "count"}).first()
+    clicked = oracle.where("click = 1").agg({"conversion_if_clicked": "avg"}).first()[0]
+    return Result(
+        out=plan.out,
+        impressions=rates["count(1)"],
+        ctr=rates["avg(click)"],
+        cvr_given_click=clicked or 0.0,
+        entire_space_cvr=rates["avg(conversion_if_clicked)"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate the arguments, simulate, write, print a summary."""
+    args = parse_args(argv)
+    try:
+        plan = check_args(args)
+    except UsageError as exc:
+        die(PROG, str(exc))
+
     from features.spark import get_spark
 
     began = time.perf_counter()
     spark = get_spark("esmm-generate-logs", master=args.master or "local[*]", shuffle_partitions=8)
-    logs = simulate(spark, preset, start, args.days, args.seed, partitions=args.partitions)
-    out = args.out.rstrip("/")
-    for name in ("impressions", "clicks", "conversions"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(f"{out}/{name}")
-    for name in ("users", "items", "oracle"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(f"{out}/{name}")
-    oracle = spark.read.parquet(f"{out}/oracle")
-    rates = oracle.agg({"click": "avg", "conversion_if_clicked": "avg", "*": "count"}).first()
-    clicked = oracle.where("click = 1").agg({"conversion_if_clicked": "avg"}).first()[0]
+    try:
+        result = run(spark, args, plan)
+    finally:
+        spark.stop()
     print(
-        f"{PROG}: preset={args.preset} seed={args.seed} days={args.days} from {start}: "
-        f"{rates['count(1)']} impressions, CTR={rates['avg(click)']:.4f}, "
-        f"CVR|click={clicked or 0.0:.4f}, "
-        f"entire-space CVR={rates['avg(conversion_if_clicked)']:.4f} "
-        f"→ {out}/{{impressions,clicks,conversions,users,items,oracle}}/dt=… "
+        f"{PROG}: preset={args.preset} seed={args.seed} days={args.days} from {plan.start}: "
+        f"{result.impressions} impressions, CTR={result.ctr:.4f}, "
+        f"CVR|click={result.cvr_given_click:.4f}, "
+        f"entire-space CVR={result.entire_space_cvr:.4f} "
+        f"→ {result.out}/{{impressions,clicks,conversions,users,items,oracle}}/dt=… "
         f"in {time.perf_counter() - began:.1f}s"
     )
-    spark.stop()
     return 0
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # plain local runs; a cluster ships the code via --py-files
@@ -32,6 +34,11 @@ from features.cli import (  # noqa: E402
     local_dir_exists,
     local_path,
 )
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from features.scoring import ResolvedModel
 
 PROG = "score.py"
 
@@ -60,17 +67,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Check the model and the table without Spark, then score the day."""
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class Plan:
+    """The validated inputs of a run: the day and the model version it is pinned to."""
+
+    day: str
+    model: ResolvedModel
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run wrote."""
+
+    day: str
+    model: ResolvedModel
+    path: str
+    rows: int
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """Pin the model with the registry and check the table against its signature, without
+    Spark; UsageError for anything the user can fix, MlflowException for the registry."""
     import mlflow
 
-    from features.scoring import (
-        ScoringInputError,
-        day_schema,
-        resolve_model,
-        schema_mismatches,
-    )
+    from features.scoring import ScoringInputError, day_schema, resolve_model, schema_mismatches
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
@@ -79,30 +99,61 @@ def main(argv: list[str] | None = None) -> int:
         if is_local_path(args.features) and not local_dir_exists(f"{args.features}/dt={day}"):
             raise UsageError(f"no feature table for {day}: {args.features}/dt={day} is missing")
         model = resolve_model(mlflow.MlflowClient(), args.model)
-        if is_local_path(args.features):
-            signature = mlflow.models.get_model_info(model.uri).signature
-            problems = schema_mismatches(day_schema(local_path(args.features), day), signature)
-            if problems:
-                raise UsageError(
-                    f"{args.features}/dt={day} does not match the signature of {model.uri}: "
-                    + "; ".join(problems)
-                )
-    except (UsageError, DateError, ScoringInputError) as exc:
+    except (DateError, ScoringInputError) as exc:
+        raise UsageError(str(exc)) from None
+    if is_local_path(args.features):
+        signature = mlflow.models.get_model_info(model.uri).signature
+        problems = schema_mismatches(day_schema(local_path(args.features), day), signature)
+        if problems:
+            raise UsageError(
+                f"{args.features}/dt={day} does not match the signature of {model.uri}: "
+                + "; ".join(problems)
+            )
+    return Plan(day=day, model=model)
+
+
+def run(spark: SparkSession, args: argparse.Namespace, plan: Plan | None = None) -> Result:
+    """Score the day of ``args`` with ``spark`` and publish its predictions atomically.
+
+    ``plan`` is :func:`check_args`' result when the caller has it already. The session's
+    Arrow batch size is ``--batch-rows`` while it scores, restored afterwards.
+    """
+    from features.scoring import score_day
+
+    plan = plan or check_args(args)
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, str(args.batch_rows))
+    try:
+        path, rows = score_day(spark, args.features, plan.day, plan.model, args.out)
+    finally:
+        spark.conf.set(key, previous)
+    return Result(day=plan.day, model=plan.model, path=path, rows=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the model and the table without Spark, then score the day."""
+    args = parse_args(argv)
+    import mlflow
+
+    try:
+        plan = check_args(args)
+    except UsageError as exc:
         die(PROG, str(exc))
     except mlflow.exceptions.MlflowException as exc:
         die(PROG, f"MLflow: {exc.message}", code=1)
 
-    from features.scoring import score_day
     from features.spark import get_spark
 
     began = time.perf_counter()
     spark = get_spark("esmm-score", master=args.master or "local[*]")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.batch_rows))
-    path, rows = score_day(spark, args.features, day, model, args.out)
-    spark.stop()
+    try:
+        result = run(spark, args, plan)
+    finally:
+        spark.stop()
     print(
-        f"{PROG}: {day}: {rows} impressions scored with {model.uri} "
-        f"(from {model.requested}) → {path}; {time.perf_counter() - began:.1f}s"
+        f"{PROG}: {result.day}: {result.rows} impressions scored with {result.model.uri} "
+        f"(from {result.model.requested}) → {result.path}; {time.perf_counter() - began:.1f}s"
     )
     return 0
 

@@ -8,6 +8,12 @@
   output (see :mod:`tests.helpers`).
 - ``mlflow_server``: a real ``mlflow server`` on 127.0.0.1 over SQLite in a temp dir, started
   once per session and stopped at the end; yields its tracking URI.
+- ``raw_logs``: ``raw_logs(preset="tiny", start_date="2026-01-02", days=4, seed=5)`` → the root
+  of simulated raw logs, made by ``jobs/generate_logs.py``'s ``run`` on the shared session,
+  once per set of arguments for the whole test session. Treat it as read-only.
+- ``built_features``: ``built_features(raw, start_date, end_date)`` → the root of a feature
+  table built from ``raw`` by ``jobs/build_features.py``'s ``run`` on the shared session, with
+  the shipped configs, once per set of arguments. Treat it as read-only; copy it to change it.
 """
 
 from __future__ import annotations
@@ -65,3 +71,53 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow-server")
     with start_mlflow_server(root) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def raw_logs(spark, tmp_path_factory) -> Callable[..., Path]:
+    """Simulated raw logs shared by the session (see the module docstring)."""
+    from jobs import generate_logs
+
+    made: dict[tuple, Path] = {}
+
+    def make(
+        preset: str = "tiny", start_date: str = "2026-01-02", days: int = 4, seed: int = 5
+    ) -> Path:
+        key = (preset, start_date, days, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"raw-{preset}-{start_date}-{days}d-seed{seed}")
+            args = generate_logs.parse_args(
+                [
+                    *("--preset", preset, "--start-date", start_date),
+                    *("--days", str(days), "--seed", str(seed), "--out", str(out)),
+                ]
+            )
+            generate_logs.run(spark, args)
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def built_features(spark, tmp_path_factory) -> Callable[..., Path]:
+    """Feature tables built from shared raw logs (see the module docstring)."""
+    from jobs import build_features
+
+    built: dict[tuple, Path] = {}
+
+    def make(raw: Path, start_date: str, end_date: str) -> Path:
+        key = (str(raw), start_date, end_date)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"features-{start_date}-{end_date}")
+            args = build_features.parse_args(
+                [
+                    *("--raw", str(raw), "--out", str(out)),
+                    *("--start-date", start_date, "--end-date", end_date),
+                ]
+            )
+            build_features.run(spark, args)
+            built[key] = out
+        return built[key]
+
+    return make
