@@ -3,7 +3,8 @@
 Unit tests write a handful of raw JSON lines to a temp folder, read them with
 :func:`features.raw.read_log` (the job's reader) and run the pure transforms of
 :mod:`features.transforms` on them; the integration tests simulate two days
-with the ``tiny`` preset and run ``jobs/build_features.py`` for real.
+with the ``tiny`` preset and run ``jobs/build_features.py``'s ``run`` on the shared session,
+and one bad-argument run goes through the real ``spark-submit``.
 """
 
 from __future__ import annotations
@@ -505,41 +506,26 @@ def _spark_submit(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def two_built_days(spark, tmp_path_factory):
-    """Two simulated tiny days (dirt at non-zero rates) built by the real spark-submit job."""
-    import datetime as dt
-
+def two_built_days(raw_logs, built_features):
+    """Two simulated tiny days (dirt at non-zero rates) built by the job's ``run`` on the
+    shared session (tests/conftest.py); read-only."""
     from features.config import SimulatorConfig
-    from features.simulator import simulate
 
-    root = tmp_path_factory.mktemp("funnel")
-    raw, out = root / "raw", root / "features"
     preset = load_config(ROOT / "conf/simulator.yaml", SimulatorConfig).preset("tiny")
     assert all(rate > 0 for rate in preset.dirt.model_dump().values())
-    logs = simulate(spark, preset, dt.date(2024, 1, 1), 2, seed=7)
-    for name in ("impressions", "clicks", "conversions"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").text(str(raw / name))
-    for name in ("users", "items", "oracle"):
-        getattr(logs, name).write.mode("overwrite").partitionBy("dt").parquet(str(raw / name))
-    result = _spark_submit(
-        "jobs/build_features.py",
-        "--raw",
-        str(raw),
-        "--out",
-        str(out),
-        "--start-date",
-        "2024-01-01",
-        "--end-date",
-        "2024-01-02",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return raw, out, result
+    raw = raw_logs("tiny", "2024-01-01", 2, 7)
+    return raw, built_features(raw, "2024-01-01", "2024-01-02")
+
+
+def _build_args(raw, out, day: str):
+    from jobs import build_features
+
+    return build_features.parse_args(["--raw", str(raw), "--out", str(out), "--date", day])
 
 
 @pytest.mark.integration
 def test_job_accounts_for_every_raw_line_across_days(two_built_days):
-    raw, out, result = two_built_days
-    assert "2024-01-02: " in result.stdout
+    raw, out = two_built_days
     for log in ("impressions", "clicks", "conversions"):
         lines = sum(
             len(f.read_text(encoding="utf-8").splitlines()) for f in (raw / log).glob("dt=*/part-*")
@@ -559,7 +545,7 @@ def test_job_accounts_for_every_raw_line_across_days(two_built_days):
 def test_labels_equal_the_oracle_and_never_convert_without_click(two_built_days):
     import pyarrow.dataset as ds
 
-    raw, out, _ = two_built_days
+    raw, out = two_built_days
     table = ds.dataset(str(out), format="parquet", partitioning="hive").to_table().to_pandas()
     oracle = (
         ds.dataset(str(raw / "oracle"), format="parquet", partitioning="hive")
@@ -586,7 +572,7 @@ def test_written_parquet_matches_the_schema_contract_with_enough_row_groups(two_
 
     from contract.schema import arrow_schema
 
-    _, out, _ = two_built_days
+    _, out = two_built_days
     fields = load_config(ROOT / "conf/fields.yaml", FieldsConfig)
     expected = arrow_schema(fields)
     for day in ("2024-01-01", "2024-01-02"):
@@ -607,18 +593,28 @@ def test_written_parquet_matches_the_schema_contract_with_enough_row_groups(two_
 
 
 @pytest.mark.integration
-def test_rerunning_a_day_replaces_it_with_identical_rows(two_built_days, spark):
+def test_rerunning_a_day_replaces_it_with_identical_rows(two_built_days, spark, tmp_path):
+    import shutil
+
     import pyarrow.dataset as ds
 
-    from features.pipeline import build_day
+    from jobs import build_features
 
-    raw, out, _ = two_built_days
+    raw, built = two_built_days
+    out = tmp_path / "features"
+    shutil.copytree(built, out)  # the shared table stays as built
     day_dir = out / "dt=2024-01-01"
     before = ds.dataset(str(day_dir), format="parquet").to_table().to_pandas()
     files_before = sorted(p.name for p in day_dir.glob("*.parquet"))
-    config = load_config(ROOT / "conf/features.yaml", FeaturesConfig)
-    fields = load_config(ROOT / "conf/fields.yaml", FieldsConfig)
-    build_day(spark, str(raw), str(out), "2024-01-01", config, fields)
+    lines = []
+    build_features.run(
+        spark,
+        _build_args(raw, out, "2024-01-01"),
+        on_day=lambda result, seconds: lines.append(build_features.summary_line(result, seconds)),
+    )
+    (line,) = lines
+    assert line.startswith(f"build_features.py: 2024-01-01: {len(before)} rows (CTR ")
+    assert f"→ {day_dir}; impressions in=" in line
     after = ds.dataset(str(day_dir), format="parquet").to_table().to_pandas()
     key = "impression_id"
     assert (
@@ -637,7 +633,7 @@ def test_blank_lines_in_a_day_are_quarantined_with_their_text(two_built_days, sp
 
     from features.pipeline import build_day
 
-    raw, out, _ = two_built_days
+    raw, out = two_built_days
     copy = tmp_path / "raw"
     shutil.copytree(raw, copy)
     day = "2024-01-01"
@@ -673,36 +669,32 @@ def test_bad_date_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr and "Exception" not in result.stderr
 
 
-@pytest.mark.integration
-def test_bad_config_value_exits_2_naming_the_key(tmp_path):
-    result = _spark_submit(
-        "jobs/build_features.py",
-        "--raw",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "o"),
-        "--date",
-        "2024-01-05",
-        "--set",
-        "output.min_row_groups=0",
+def _main_exit(capsys, *argv: str) -> tuple[int, str]:
+    """Run the job's ``main`` in-process (no JVM: these errors come before Spark starts)."""
+    from jobs import build_features
+
+    with pytest.raises(SystemExit) as exited:
+        build_features.main(list(argv))
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_bad_config_value_exits_2_naming_the_key(tmp_path, capsys):
+    code, stderr = _main_exit(
+        capsys,
+        *("--raw", str(tmp_path), "--out", str(tmp_path / "o"), "--date", "2024-01-05"),
+        *("--set", "output.min_row_groups=0"),
     )
-    assert result.returncode == 2
-    assert "output.min_row_groups" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 2
+    assert "output.min_row_groups" in stderr
+    assert "Traceback" not in stderr
 
 
-@pytest.mark.integration
-def test_date_without_impressions_exits_2(tmp_path):
+def test_date_without_impressions_exits_2(tmp_path, capsys):
     (tmp_path / "impressions").mkdir()
-    result = _spark_submit(
-        "jobs/build_features.py",
-        "--raw",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "o"),
-        "--date",
-        "2024-01-05",
+    code, stderr = _main_exit(
+        capsys, "--raw", str(tmp_path), "--out", str(tmp_path / "o"), "--date", "2024-01-05"
     )
-    assert result.returncode == 2
-    assert "no impressions for 2024-01-05" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 2
+    assert "no impressions for 2024-01-05" in stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1

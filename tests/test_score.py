@@ -66,30 +66,36 @@ def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(scor
     assert not list((root / "predictions" / "_tmp").glob("*"))  # staging cleaned up
 
 
-@pytest.mark.integration
-def test_missing_alias_fails_in_one_line_before_spark(scoring_setup):
+def _main_exit(capsys, root, uri, model: str, features=None) -> tuple[int, str, str]:
+    """``jobs/score.py``'s ``main`` in-process: these errors come before Spark starts."""
+    from jobs import score
+
+    argv = [*score_command(root, model, features)[2:], "--tracking-uri", uri]
+    with pytest.raises(SystemExit) as exited:
+        score.main(argv)
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def test_missing_alias_fails_in_one_line_before_spark(scoring_setup, capsys):
     root, uri, _ = scoring_setup
-    result = run_command(
-        score_command(root, "models:/scorer@nonexistent"), env={"MLFLOW_TRACKING_URI": uri}
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    code, stdout, stderr = _main_exit(capsys, root, uri, "models:/scorer@nonexistent")
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("score.py: error:")
     assert "no alias 'nonexistent'" in lines[0]
-    assert "Spark" not in result.stdout + result.stderr
+    assert "Spark" not in stdout + stderr
 
 
-@pytest.mark.integration
-def test_missing_model_fails_in_one_line(scoring_setup):
+def test_missing_model_fails_in_one_line(scoring_setup, capsys):
     root, uri, _ = scoring_setup
-    result = run_command(score_command(root, "models:/nobody/1"), env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "nobody" in result.stderr
+    code, _, stderr = _main_exit(capsys, root, uri, "models:/nobody/1")
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert "nobody" in stderr
 
 
-@pytest.mark.integration
-def test_table_that_does_not_match_the_signature_fails_with_exit_2(scoring_setup, tmp_path):
+def test_table_that_does_not_match_the_signature_fails_with_exit_2(scoring_setup, tmp_path, capsys):
     root, uri, _ = scoring_setup
     table = pq.read_table(root / "features" / f"dt={DAY}")
     # a table without one of the model's fields and with another one's type changed
@@ -99,12 +105,9 @@ def test_table_that_does_not_match_the_signature_fails_with_exit_2(scoring_setup
     )
     (tmp_path / f"dt={DAY}").mkdir()
     pq.write_table(table, tmp_path / f"dt={DAY}" / "part-0.parquet")
-    result = run_command(
-        score_command(root, "models:/scorer@champion", features=tmp_path),
-        env={"MLFLOW_TRACKING_URI": uri},
-    )
-    assert result.returncode == 2, result.stderr
-    (line,) = result.stderr.strip().splitlines()
+    code, _, stderr = _main_exit(capsys, root, uri, "models:/scorer@champion", features=tmp_path)
+    assert code == 2, stderr
+    (line,) = stderr.strip().splitlines()
     assert "column 'device' is missing" in line
     assert "column 'hour' is string, the model expects long" in line
 
