@@ -8,7 +8,7 @@ VAR ?= var
 # pytest arguments, e.g. make test PYTEST_ARGS="-k config -x"
 PYTEST_ARGS ?=
 
-.PHONY: help venv airflow-venv demo experiments experiments-quick test lint format unit dist clean
+.PHONY: help setup venv airflow-venv demo experiments experiments-quick test lint format unit dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -25,6 +25,10 @@ $(AIRFLOW_VENV)/.installed: scripts/setup_airflow.sh
 	touch $@
 
 airflow-venv: $(AIRFLOW_VENV)/.installed  ## create the separate Airflow environment
+
+# Both environments side by side: Airflow's pip install runs while Horovod compiles.
+setup:  ## create/update both environments at once (.venv and .airflow-venv)
+	$(MAKE) --no-print-directory -j2 venv airflow-venv
 
 demo: venv  ## run the pipeline end to end on the embedded defaults (outputs under var/demo)
 	OMP_NUM_THREADS=1 $(PY) -m esmm.demo --workdir $(VAR)/demo
@@ -43,7 +47,8 @@ format: venv  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: venv airflow-venv lint  ## lint, then the whole test suite (unit + integration)
+test: setup  ## set up, lint, then the whole test suite (unit + integration)
+	$(MAKE) --no-print-directory lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv  ## the fast tests only (no integration)
