@@ -120,7 +120,9 @@ def petastorm_loader_batches(urls, fields: FieldsConfig, cfg: DataConfig, seed: 
     from petastorm.pytorch import BatchedDataLoader
 
     from contract import schema
-    from esmm.data import _make_reader, _Prefetcher, _to_tensors
+    from esmm.data.batches import _to_tensors
+    from esmm.data.prefetch import _Prefetcher
+    from esmm.data.reader import _make_reader
 
     torch.manual_seed(seed)
     reader = _make_reader(urls, schema.model_columns(fields), 0, 1, True, seed, cfg.reader_workers)

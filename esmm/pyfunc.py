@@ -47,7 +47,7 @@ class ESMMPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from esmm.data import numpy_batch_to_tensors
+        from esmm.model_input import numpy_batch_to_tensors
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         batch = {name: frame[name].to_numpy() for name in (f.name for f in self.fields.fields)}

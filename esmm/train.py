@@ -3,9 +3,11 @@
     horovodrun -np 2 python -m esmm.train --config conf/train.yaml \\
         --features var/demo/features --train-dates 2026-01-01..2026-01-03 --eval-date 2026-01-04
 
-Reads top to bottom: set-up (config, Horovod, device), data, model, optimizers, tracking,
-the epoch loop (train, evaluate, checkpoint), then the model is logged and registered.
-Every rank runs this file; rank 0 alone talks to MLflow and writes checkpoints.
+Reads top to bottom: set-up (config and data checks, then Horovod and device), model,
+optimizers, tracking, the epoch loop (train, evaluate, checkpoint), then the model is logged
+and registered. Every rank runs this file; rank 0 alone talks to MLflow and writes
+checkpoints. A bad config, date or partition is reported (exit code 2) before Horovod starts,
+so it needs no horovodrun to be found.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from esmm.data import (
     DataError,
     count_rows,
     eval_batches,
-    numpy_batch_to_tensors,
     partition_urls,
     start_input_server,
     train_batches,
@@ -38,6 +39,7 @@ from esmm.data import (
 from esmm.losses import LossConfig, compute_loss
 from esmm.metrics import evaluate_predictions
 from esmm.model import ModelConfig, build_model
+from esmm.model_input import numpy_batch_to_tensors
 from esmm.tracking import TrackingConfig, TrackingError
 
 EXIT_USAGE = 2
@@ -128,6 +130,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it (horovodrun: ``HOROVOD_RANK``; mpirun:
+    ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``), 0 when none is set. Only decides who prints
+    an error found before ``hvd.init()``, which knows the rank for sure."""
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def load_oracle(oracle_root: str, partitions: list[str]):
     """The oracle rows of the evaluation partitions as a pandas frame indexed by impression."""
     import pyarrow as pa
@@ -145,12 +158,8 @@ def load_oracle(oracle_root: str, partitions: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    # ---- set-up: config, Horovod, device --------------------------------------------------
-    import horovod.torch as hvd
-
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
-    is_chief = rank == 0
+    # ---- set-up: config and data checks, before Horovod -----------------------------------
+    is_chief = launcher_rank() == 0  # hvd.rank() once Horovod runs
 
     def fail(message: str, code: int = EXIT_USAGE) -> int:
         if is_chief:
@@ -165,11 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         eval_parts = parse_partitions(args.eval_date, "--eval-date")
         eval_urls = partition_urls(args.features, eval_parts)
+        # Reads every file's footer: a damaged file is one error here, not a reader traceback.
+        train_rows = count_rows(train_urls)
+        count_rows(eval_urls)
         oracle_root = args.oracle or cfg.oracle
         oracle = load_oracle(oracle_root, eval_parts) if oracle_root else None
     except (ConfigError, DataError, DateError) as exc:
         return fail(str(exc))
     start_input_server(cfg.data)  # its imports overlap the set-up below
+
+    # ---- set-up: Horovod, device ----------------------------------------------------------
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    is_chief = rank == 0
 
     if torch.cuda.is_available():
         torch.cuda.set_device(hvd.local_rank())
@@ -227,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
                 hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="opt_state")
             )
 
-    train_rows = count_rows(train_urls)
     tracker = None
     if is_chief:
         from esmm.tracking import RunTracker

@@ -102,3 +102,31 @@ def test_trainer_with_bad_config_prints_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert f"{bad}: invalid TrainConfig" in result.stderr
     assert "model.embeding_dim: unknown key" in result.stderr
+
+
+# Runs the trainer where horovod cannot be imported: a config error must be reported before
+# the trainer needs Horovod (only rank 0 prints; the rank comes from horovodrun's variables).
+_WITHOUT_HOROVOD = (
+    "import runpy, sys; sys.modules['horovod'] = sys.modules['horovod.torch'] = None; "
+    "sys.argv = ['esmm.train', *sys.argv[1:]]; "
+    "runpy.run_module('esmm.train', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.mark.parametrize(
+    ("rank_env", "prints"),
+    [({}, True), ({"HOROVOD_RANK": "1"}, False), ({"OMPI_COMM_WORLD_RANK": "1"}, False)],
+)
+def test_trainer_reports_a_config_typo_before_it_needs_horovod(tmp_path, rank_env, prints):
+    bad = write(tmp_path, "epochs: 1\nmodel:\n  embeding_dim: 18\n", "train.yaml")
+    args = ["--config", str(bad), "--features", str(tmp_path)]
+    args += ["--train-dates", "2026-01-01", "--eval-date", "2026-01-02"]
+    result = run_command([sys.executable, "-c", _WITHOUT_HOROVOD, *args], env=rank_env, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    if not prints:
+        assert result.stderr == ""
+        return
+    assert "Traceback" not in result.stderr
+    first, *rest = result.stderr.splitlines()
+    assert first == f"esmm.train: error: {bad}: invalid TrainConfig:"
+    assert rest == ["  model.embeding_dim: unknown key"]

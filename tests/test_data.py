@@ -98,7 +98,7 @@ def test_uneven_shards_end_the_epoch_together_on_every_rank(tmp_path, run_horovo
 
 
 def test_prefetcher_yields_everything_in_order_and_reraises_source_errors():
-    from esmm.data import _Prefetcher
+    from esmm.data.prefetch import _Prefetcher
 
     with _Prefetcher(iter(range(100)), depth=3) as items:
         assert list(items) == list(range(100))
@@ -114,7 +114,7 @@ def test_prefetcher_yields_everything_in_order_and_reraises_source_errors():
 def test_prefetcher_stops_its_thread_when_the_consumer_leaves_early():
     import threading
 
-    from esmm.data import _Prefetcher
+    from esmm.data.prefetch import _Prefetcher
 
     with _Prefetcher(iter(range(10_000)), depth=2) as items:
         assert next(items) == 0
@@ -125,12 +125,13 @@ def test_prefetcher_stops_its_thread_when_the_consumer_leaves_early():
     ("batch_size", "queue_rows"), [(128, 500), (64, 3000), (100, 20_000), (256, 0), (7, 0)]
 )
 def test_train_batches_are_petastorms_batched_loader_batches(tmp_path, batch_size, queue_rows):
-    # esmm.data assembles batches itself (fewer tensor operations per batch) with the same
+    # esmm.data.shuffle assembles batches itself (fewer tensor operations per batch) with the same
     # algorithm and random draws as Petastorm's BatchedDataLoader: the same rows, same order.
     from petastorm.pytorch import BatchedDataLoader
 
     from contract import schema
-    from esmm.data import _make_reader, _to_tensors
+    from esmm.data.batches import _to_tensors
+    from esmm.data.reader import _make_reader
 
     fields = small_fields()
     write_feature_day(tmp_path, "2026-01-03", fields, 3000, row_group_sizes=[900, 700, 1400])
@@ -156,7 +157,7 @@ def test_numeric_columns_convert_like_petastorm_and_odd_ones_are_left_to_it():
     import numpy as np
     import pyarrow as pa
 
-    from esmm.data import _numeric_column_to_numpy, _petastorm_column_to_numpy
+    from esmm.data.reader import _numeric_column_to_numpy, _petastorm_column_to_numpy
 
     lists = pa.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], pa.list_(pa.int64()))
     scalars = [pa.array([3, 1, 2], pa.int32()), pa.array([0.5, 2.0], pa.float32())]
@@ -255,3 +256,79 @@ def test_a_script_without_a_main_guard_can_train(table, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["rows", "600"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "bad footer"])
+def test_a_corrupt_parquet_file_is_one_data_error_that_names_it(tmp_path, damage):
+    from contract.layout import as_url
+
+    fields = small_fields()
+    write_feature_day(tmp_path, "2026-01-08", fields, rows=200, seed=3)
+    day = tmp_path / "dt=2026-01-08"
+    good = (day / "part-0.parquet").read_bytes()
+    bad = day / "part-1.parquet"  # beside a good file of the same partition
+    bad.write_bytes(
+        {
+            "garbage": b"not a parquet file" * 50,
+            "empty": b"",
+            "truncated": good[: len(good) // 2],
+            "bad footer": good[:-100] + b"\xff" * 92 + good[-8:],  # length and magic intact
+        }[damage]
+    )
+    urls = partition_urls(str(tmp_path), ["2026-01-08"])
+    with pytest.raises(DataError) as raised:
+        count_rows(urls)
+    message = str(raised.value)
+    assert message.startswith(f"{as_url(str(bad))}: not a readable Parquet file (")
+    assert "\n" not in message and len(message) < len(as_url(str(bad))) + 200
+
+
+def test_the_trainer_reports_a_corrupt_file_in_one_line_before_horovod(
+    tmp_path, monkeypatch, capsys
+):
+    # (the data checks run before `import horovod.torch`: here it cannot be imported at all)
+    import sys
+    from pathlib import Path
+
+    from esmm.train import main
+
+    fields = small_fields()
+    for day in ("2026-01-08", "2026-01-09"):
+        write_feature_day(tmp_path, day, fields, rows=200)
+    bad = tmp_path / "dt=2026-01-08" / "part-0.parquet"
+    bad.write_bytes(b"not a parquet file")
+    fields_file = tmp_path / "fields.yaml"
+    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
+    monkeypatch.setitem(sys.modules, "horovod", None)
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)
+    code = main(
+        [
+            "--config",
+            str(Path(__file__).resolve().parents[1] / "conf" / "train.yaml"),
+            "--fields",
+            str(fields_file),
+            "--features",
+            str(tmp_path),
+            "--train-dates",
+            "2026-01-08",
+            "--eval-date",
+            "2026-01-09",
+        ]
+    )
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("esmm.train: error: ")
+    assert f"{bad}: not a readable Parquet file" in lines[0]
+
+
+def test_the_forkserver_preloads_the_modules_the_input_process_runs():
+    # multiprocessing skips a preload name that does not import, silently: every input
+    # process would then import it itself. The child runs _produce and the batch source,
+    # both unpickled by their module path.
+    import importlib
+
+    from esmm.data import batches, process
+
+    for name in process._PRELOAD:
+        importlib.import_module(name)
+    assert {process._produce.__module__, batches._local_batches.__module__} <= set(process._PRELOAD)
