@@ -34,10 +34,10 @@ demo: venv  ## run the pipeline end to end on the embedded defaults (outputs und
 	OMP_NUM_THREADS=1 $(PY) -m esmm.demo --workdir $(VAR)/demo
 
 experiments: venv  ## the paper comparison + open questions, full run (docs/RESULTS.md; ~1.5 h)
-	OMP_NUM_THREADS=1 $(PY) -m esmm.experiments all --config conf/experiment.yaml
+	OMP_NUM_THREADS=1 $(PY) -m experiments all --config conf/experiment.yaml
 
 experiments-quick: venv  ## the same on small data with fewer seeds (minutes)
-	OMP_NUM_THREADS=1 $(PY) -m esmm.experiments all --config conf/experiment.yaml --quick
+	OMP_NUM_THREADS=1 $(PY) -m experiments all --config conf/experiment.yaml --quick
 
 lint: venv  ## ruff lint + format check
 	$(VENV)/bin/ruff check .

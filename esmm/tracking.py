@@ -55,7 +55,7 @@ class TrackingConfig(StrictModel):
         log_model: log the model (pyfunc) at the end of training.
         run_name: MLflow run name (``--run-name`` wins).
         parent_run_id: nest this run under that MLflow run (``mlflow.parentRunId``), as the
-            experiment driver (:mod:`esmm.experiments`) does for each training it launches.
+            experiment driver (:mod:`experiments`) does for each training it launches.
     """
 
     tracking_uri: str | None = None

@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--summary-json",
         metavar="PATH",
         help="rank 0 writes the MLflow run id, registered version and final metrics here "
-        "(JSON) when training succeeds; for drivers such as esmm.experiments and Airflow",
+        "(JSON) when training succeeds; for drivers such as experiments and Airflow",
     )
     return parser.parse_args(argv)
 

@@ -1,38 +1,42 @@
-"""esmm.experiments: the tables from known numbers (unit), and ``--quick`` for real: the
-simulator, the feature job and horovodrun -np 2 trainings under one MLflow parent run on a
-real tracking server."""
+"""The experiment driver (``experiments``): the tables from known numbers (unit), the cache
+key, the command line's errors (in-process), and ``paper-table --quick`` for real: the
+simulator and the feature job under spark-submit, horovodrun trainings under one MLflow parent
+run on a real tracking server, then ``ranking`` from the cache."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 
 from contract.config import ConfigError
-from esmm import experiments as ex
 from esmm.losses import TaskWeights
+from experiments import cli, config, runner, tables
 from tests.helpers import run_command
 
 CONFIG = "conf/experiment.yaml"
 
 
-def result(label: str, seed: int, **metrics: float) -> ex.RunResult:
-    spec = ex.RunSpec(label, label, seed, ex.DataSpec())
-    return ex.RunResult(spec, f"run-{label}-{seed}", dict(metrics), 1.0)
+def result(label: str, seed: int, **metrics: float) -> runner.RunResult:
+    spec = runner.RunSpec(label, label, seed, config.DataSpec())
+    return runner.RunResult(spec, f"run-{label}-{seed}", dict(metrics), 1.0)
 
 
 def test_mean_std_and_formats():
-    assert ex.mean_std([0.6, 0.7]) == pytest.approx((0.65, 0.070710678))
-    mean, std = ex.mean_std([0.6])
+    assert tables.mean_std([0.6, 0.7]) == pytest.approx((0.65, 0.070710678))
+    mean, std = tables.mean_std([0.6])
     assert mean == 0.6 and math.isnan(std)
-    assert ex.fmt_auc(0.68561, 0.00371) == "68.56 ± 0.37"
-    assert ex.fmt_auc(0.7, math.nan) == "70.00"
-    assert ex.fmt_gain(0.7, 0.68) == "+2.00"
-    assert ex.fmt_auc(math.nan, math.nan) == "n/a"
+    assert tables.fmt_auc(0.68561, 0.00371) == "68.56 ± 0.37"
+    assert tables.fmt_auc(0.7, math.nan) == "70.00"
+    assert tables.fmt_gain(0.7, 0.68) == "+2.00"
+    assert tables.fmt_auc(math.nan, math.nan) == "n/a"
 
 
 def test_comparison_table_has_gains_over_base_and_the_oracle_row(tmp_path):
@@ -43,7 +47,7 @@ def test_comparison_table_has_gains_over_base_and_the_oracle_row(tmp_path):
         result("esmm", 1, cvr_auc=0.68, ctcvr_auc=0.65, entire_space_cvr_auc=0.70, **oracle),
         result("esmm", 2, cvr_auc=0.70, ctcvr_auc=0.65, entire_space_cvr_auc=0.70, **oracle),
     ]
-    table = ex.comparison_table("t", "title", "model", results, reference="base")
+    table = tables.comparison_table("t", "title", "model", results, reference="base")
     assert [row[0] for row in table.rows] == ["base", "esmm", "oracle (true pCTR, pCVR)"]
     header = table.header
     esmm = dict(zip(header, table.rows[1], strict=True))
@@ -61,14 +65,14 @@ def test_comparison_table_has_gains_over_base_and_the_oracle_row(tmp_path):
 
 
 def test_ranking_table_and_kendall_tau():
-    assert ex.kendall_tau([3, 2, 1], [30, 20, 10]) == 1.0
-    assert ex.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
+    assert tables.kendall_tau([3, 2, 1], [30, 20, 10]) == 1.0
+    assert tables.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
     results = [
         result("base", 1, cvr_auc=0.70, entire_space_cvr_auc=0.60, ctcvr_auc=0.6),
         result("esmm", 1, cvr_auc=0.68, entire_space_cvr_auc=0.72, ctcvr_auc=0.7),
         result("aman", 1, cvr_auc=0.65, entire_space_cvr_auc=0.65, ctcvr_auc=0.5),
     ]
-    table = ex.ranking_table(results)
+    table = tables.ranking_table(results)
     # sorted by the entire-space rank; base drops from 1st (clicked) to 3rd
     assert [row[0] for row in table.rows] == ["esmm", "aman", "base"]
     base = table.rows[2]
@@ -89,7 +93,7 @@ def test_bias_sweep_table_reports_the_gap_and_its_standard_error():
             result("esmm", 2, cvr_auc=0.66, entire_space_cvr_auc=0.68, ctcvr_auc=0.7),
         ],
     }
-    table = ex.bias_sweep_table(by_bias, ["base", "esmm"])
+    table = tables.bias_sweep_table(by_bias, ["base", "esmm"])
     assert [row[0] for row in table.rows] == ["0", "1"]
     gap, err = table.csv_rows[1][1], table.csv_rows[1][2]
     assert gap == pytest.approx(0.05)
@@ -99,53 +103,107 @@ def test_bias_sweep_table_reports_the_gap_and_its_standard_error():
 
 def test_ieb_decile_table():
     metrics = {f"cvr_ieb_ctr_decile_{d}": 1.0 + d / 10 for d in range(1, 11)}
-    table = ex.ieb_decile_table([result("esmm", 1, **metrics), result("esmm", 2, **metrics)])
+    table = tables.ieb_decile_table([result("esmm", 1, **metrics), result("esmm", 2, **metrics)])
     assert table.rows == [["esmm", *[f"{1 + d / 10:.2f}" for d in range(1, 11)]]]
 
 
 def test_quick_applies_the_files_quick_overrides_then_the_command_line():
-    full = ex.load_experiment_config(CONFIG, quick=False, overrides=[])
-    quick = ex.load_experiment_config(CONFIG, quick=True, overrides=["seeds=[9]"])
+    full = config.load_experiment_config(CONFIG, quick=False, overrides=[])
+    quick = config.load_experiment_config(CONFIG, quick=True, overrides=["seeds=[9]"])
     assert len(full.seeds) >= 5 and quick.seeds == [9]
     assert quick.data.impressions_per_day < 150_000
     assert quick.workdir != full.workdir
     # every paper variant plus ESCM² is compared by default
-    assert set(ex.PAPER_VARIANTS) <= set(full.paper_table.variants)
+    assert set(config.PAPER_VARIANTS) <= set(full.paper_table.variants)
     assert {"escm2_ips", "escm2_dr"} <= set(full.paper_table.variants)
 
 
-def test_bad_experiment_config_is_one_clear_error(tmp_path):
+def test_bad_experiment_config_is_one_clear_error(capsys, tmp_path):
     with pytest.raises(ConfigError, match=r"paper_table\.variants"):
-        ex.load_experiment_config(CONFIG, False, ["paper_table.variants=[esmm, nope]"])
-    result = run_command(
-        [sys.executable, "-m", "esmm.experiments", "paper-table", "--set", "np=0"], timeout=120
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("esmm.experiments: error:")
-    assert "Traceback" not in result.stderr
+        config.load_experiment_config(CONFIG, False, ["paper_table.variants=[esmm, nope]"])
+    # the command line, in-process: exit code 2 and one line on stderr, no traceback
+    for overrides, message in (
+        (["np=0", "seeds=[]"], r"invalid ExperimentConfig: np: .*; seeds: "),
+        ([f"train_config={tmp_path / 'missing.yaml'}"], r"train_config .*missing\.yaml: file not"),
+        (["train_overrides=[optim.lr=-1]"], r"invalid TrainConfig: optim\.lr"),
+    ):
+        sets = [part for kv in overrides for part in ("--set", kv)]
+        assert cli.main(["paper-table", "--config", CONFIG, *sets]) == 2, overrides
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("experiments: error: ") and "Traceback" not in err
+        assert re.search(message, err), err
 
 
 def test_shared_trainings_have_one_cache_key():
-    data = ex.DataSpec()
-    paper_esmm = ex.RunSpec("esmm", "esmm", 1, data)
-    weights_default = ex.RunSpec("(1, 0, 1)", "esmm", 1, data)
-    assert paper_esmm.key() == weights_default.key()
-    other_bias = ex.RunSpec("esmm", "esmm", 1, data.model_copy(update={"selection_bias": 0.9}))
-    other_seed = ex.RunSpec("esmm", "esmm", 2, data)
-    assert len({paper_esmm.key(), other_bias.key(), other_seed.key()}) == 3
+    cfg = config.load_experiment_config(CONFIG, False, [])
+    data = config.DataSpec()
+    paper_esmm = runner.RunSpec("esmm", "esmm", 1, data)
+    weights_default = runner.RunSpec("(1, 0, 1)", "esmm", 1, data)
+    stop_gradient_both = runner.RunSpec("CTCVR grad into both", "esmm", 1, data)
+    assert paper_esmm.key(cfg) == weights_default.key(cfg) == stop_gradient_both.key(cfg)
+    other_bias = runner.RunSpec("esmm", "esmm", 1, data.model_copy(update={"selection_bias": 0.9}))
+    other_seed = runner.RunSpec("esmm", "esmm", 2, data)
+    other_variant = runner.RunSpec("esmm", "base", 1, data)
+    keys = {k.key(cfg) for k in (paper_esmm, other_bias, other_seed, other_variant)}
+    assert len(keys) == 4
     assert TaskWeights() == TaskWeights(ctr=1.0, cvr=0.0, ctcvr=1.0)
 
 
+def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
+    """Reusing a finished training is right only if nothing that determines it changed."""
+    fields_yaml = tmp_path / "fields.yaml"
+    fields_yaml.write_bytes(Path("conf/fields.yaml").read_bytes())
+    train_yaml = tmp_path / "train.yaml"
+    train_text = Path("conf/train.yaml").read_text()
+    assert "fields_config: conf/fields.yaml" in train_text and "\nepochs: 1 " in train_text
+    train_yaml.write_text(
+        train_text.replace("fields_config: conf/fields.yaml", f"fields_config: {fields_yaml}")
+    )
+    cfg = config.load_experiment_config(CONFIG, False, [f"train_config={train_yaml}"])
+    spec = runner.RunSpec("esmm", "esmm", 1, config.DataSpec())
+    key = spec.key(cfg)
+    assert dataclasses.replace(spec, label="(1, 0, 1)").key(cfg) == key  # a label is no setting
+    assert runner.fields_file(cfg) == fields_yaml
+
+    changed = {
+        "train_overrides": spec.key(cfg.model_copy(update={"train_overrides": ["optim.lr=0.01"]})),
+        "np": spec.key(cfg.model_copy(update={"np": cfg.np + 1})),
+        "run overrides": dataclasses.replace(spec, overrides=("loss.ctcvr_grad_into=cvr",)).key(
+            cfg
+        ),
+        "data": dataclasses.replace(spec, data=config.DataSpec(impressions_per_day=3000)).key(cfg),
+    }
+    train_yaml.write_text(train_yaml.read_text().replace("\nepochs: 1 ", "\nepochs: 2 "))
+    changed["train config contents"] = spec.key(cfg)
+    fields_yaml.write_text(fields_yaml.read_text() + "\n# edited\n")
+    changed["field list contents"] = spec.key(cfg)
+    assert key not in changed.values(), {k: v for k, v in changed.items() if v == key}
+    assert len(set(changed.values())) == len(changed)
+
+    missing = cfg.model_copy(update={"train_config": str(tmp_path / "missing.yaml")})
+    with pytest.raises(ConfigError, match=r"train_config .*missing\.yaml: file not found"):
+        spec.key(missing)
+
+
+@pytest.fixture
+def restore_mlflow_tracking_uri(monkeypatch):
+    """The driver, run in-process, sets MLflow's global tracking URI (and the environment
+    variable); put both back for the tests that follow."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow_tracking_utils._tracking_uri
+    yield monkeypatch
+    mlflow.set_tracking_uri(previous)
+
+
 @pytest.mark.integration
-@pytest.mark.timeout(1800)
-def test_quick_paper_table_trains_every_run_under_one_parent(tmp_path, mlflow_server):
+@pytest.mark.timeout(900)
+def test_quick_paper_table_trains_every_run_under_one_parent(
+    tmp_path, mlflow_server, restore_mlflow_tracking_uri, capsys
+):
     workdir = tmp_path / "exp"
-    variants = ["base", "esmm", "escm2_dr"]
-    command = [
-        sys.executable,
-        "-m",
-        "esmm.experiments",
-        "paper-table",
+    variants = ["base", "esmm"]
+    options = [
         "--config",
         CONFIG,
         "--quick",
@@ -155,14 +213,26 @@ def test_quick_paper_table_trains_every_run_under_one_parent(tmp_path, mlflow_se
         f"paper_table.variants=[{', '.join(variants)}]",
         "--set",
         "experiment=experiments-it",
+        # the smallest real run: one day trains, the next evaluates, 3000 impressions a day
+        # (about 200 clicks and 40 conversions), one Horovod worker (still horovodrun)
         "--set",
-        "data.train_days=1",  # the smallest time split: one day trains, the next evaluates
+        "data.train_days=1",
+        "--set",
+        "data.impressions_per_day=3000",
+        "--set",
+        "np=1",
+        # batches assembled in the trainer's own process (the child process costs seconds per
+        # training; tests/test_data.py covers it); also shows train_overrides reach each run
+        "--set",
+        "train_overrides=[data.input_process=false]",
     ]
     env_uri = {"MLFLOW_TRACKING_URI": mlflow_server}
-    result = run_command(command, timeout=1500, env=env_uri)
+    command = [sys.executable, "-m", "experiments", "paper-table", *options]
+    result = run_command(command, timeout=800, env=env_uri)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    seeds = ex.load_experiment_config(CONFIG, True, []).seeds
+    seeds = config.load_experiment_config(CONFIG, True, []).seeds
     assert len(seeds) >= 2
+    assert f"{len(variants) * len(seeds)} trainings run, 0 reused" in result.stderr
 
     out = workdir / "results" / "paper_table"
     rows = list(csv.DictReader((out / "paper_table.csv").open()))
@@ -188,15 +258,24 @@ def test_quick_paper_table_trains_every_run_under_one_parent(tmp_path, mlflow_se
     assert len(children) == len(variants) * len(seeds)
     assert {c.data.tags["variant"] for c in children} == set(variants)
     assert all("entire_space_cvr_auc" in c.data.metrics for c in children)
+    assert {c.data.params["data.input_process"] for c in children} == {"False"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"paper_table.md", "paper_table.csv", "paper_table.png"} <= artifacts
     # the CSV's run ids are those children
     ids = {i for r in rows for i in r["mlflow_run_ids"].split()}
     assert ids == {c.info.run_id for c in children}
 
-    # ranking reuses the same trainings (cache) and adds its table under a new parent
-    ranking = run_command([*command[:3], "ranking", *command[4:]], timeout=300, env=env_uri)
-    assert ranking.returncode == 0, ranking.stderr[-3000:]
-    assert "0 trainings run, 6 reused" in ranking.stderr
+    # ranking reuses the same trainings (cache) and adds its table under a new parent; it
+    # launches nothing, so it runs in-process
+    restore_mlflow_tracking_uri.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    capsys.readouterr()
+    assert cli.main(["ranking", *options]) == 0
+    err = capsys.readouterr().err
+    assert f"0 trainings run, {len(variants) * len(seeds)} reused" in err, err[-3000:]
     table = Path(workdir / "results" / "ranking" / "ranking.csv").read_text().splitlines()
     assert len(table) == 1 + len(variants)
+    (ranking_parent,) = client.search_runs(
+        [experiment_id], "tags.esmm.experiment_command = 'ranking'"
+    )
+    assert ranking_parent.info.status == "FINISHED"
+    assert "ranking.csv" in {a.path for a in client.list_artifacts(ranking_parent.info.run_id)}

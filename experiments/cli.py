@@ -1,0 +1,338 @@
+"""The command line: ``python -m experiments <sub-command> [--config ...] [--quick] ...``.
+
+Each sub-command (a ``cmd_*`` function) trains its runs with :mod:`experiments.runner`,
+builds its tables with :mod:`experiments.tables` and its plots with :mod:`experiments.plots`,
+writes them under ``<workdir>/results/<sub-command>/`` and logs them as artifacts of one
+MLflow parent run whose children are the trainings; :func:`main` runs them and
+:func:`write_report` gathers every table of the invocation in ``report.md``. A config error
+or an unreachable tracking server is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract import commands
+from contract.config import ConfigError, add_override_argument
+from esmm.losses import TaskWeights
+from experiments.config import ExperimentConfig, load_experiment_config
+from experiments.plots import plot_bias_sweep, plot_comparison, plot_ieb_deciles
+from experiments.runner import (
+    Context,
+    RunResult,
+    RunSpec,
+    close_parent,
+    fields_file,
+    file_digest,
+    open_parent,
+    project_path,
+    resolve_context,
+    train_all,
+)
+from experiments.tables import (
+    Table,
+    bias_sweep_table,
+    comparison_table,
+    ieb_decile_table,
+    ranking_table,
+)
+
+__all__ = ["COMMANDS", "Outcome", "main", "parse_args", "write_report"]
+
+PROG = "experiments"
+EXIT_USAGE = 2
+
+
+@dataclass
+class Outcome:
+    """What a sub-command produced."""
+
+    tables: list[Table]
+    files: list[Path]
+    runs: list[RunResult]
+
+
+def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
+    return [
+        RunSpec(variant, variant, seed, cfg.data)
+        for variant in cfg.paper_table.variants
+        for seed in cfg.seeds
+    ]
+
+
+def cmd_paper_table(ctx: Context, parent: str, out: Path) -> Outcome:
+    results = train_all(ctx, paper_specs(ctx.cfg), parent)
+    data = ctx.cfg.data
+    table = comparison_table(
+        "paper_table",
+        "CVR and CTCVR AUC by method (paper's Table 2 protocol, plus the entire space)",
+        "model",
+        results,
+        reference="base" if "base" in ctx.cfg.paper_table.variants else None,
+        notes=[
+            f"Data: simulator preset `{data.preset}`, selection_bias {data.selection_bias:g}, "
+            f"train on {data.train_days} day(s), evaluate on the next {data.eval_days}. "
+            f"AUCs in points, mean ± sample std over seeds {ctx.cfg.seeds}; "
+            "gains are differences of means in points.",
+            "CVR AUC (clicked) is the paper's protocol; CVR AUC (entire space) scores pCVR "
+            "on every test impression against its counterfactual conversion label; pCVR IEB "
+            "is mean pCVR / mean true pCVR over all test impressions (1 = unbiased).",
+        ],
+    )
+    deciles = ieb_decile_table(results)
+    files = table.write(out) + deciles.write(out)
+    files.append(plot_comparison(results, out / "paper_table.png", "ESMM family on simulated data"))
+    files.append(plot_ieb_deciles(results, out / "ieb_by_ctr_decile.png"))
+    return Outcome([table, deciles], files, results)
+
+
+def cmd_task_weights(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    specs = []
+    for weights in cfg.task_weights.settings:
+        label = f"({weights.ctr:g}, {weights.cvr:g}, {weights.ctcvr:g})"
+        sets = (
+            f"loss.task_weights.ctr={weights.ctr}",
+            f"loss.task_weights.cvr={weights.cvr}",
+            f"loss.task_weights.ctcvr={weights.ctcvr}",
+        )
+        # the paper's weights are the trainer's defaults: the same run as paper-table's esmm
+        default = weights == TaskWeights()
+        for seed in cfg.seeds_for(cfg.task_weights.seeds):
+            specs.append(RunSpec(label, "esmm", seed, cfg.data, () if default else sets))
+    results = train_all(ctx, specs, parent)
+    table = comparison_table(
+        "task_weights",
+        "ESMM with other task weights (CTR, CVR, CTCVR); the CVR loss is on clicked only",
+        "weights (ctr, cvr, ctcvr)",
+        results,
+        reference="(1, 0, 1)"
+        if any(w == TaskWeights() for w in cfg.task_weights.settings)
+        else None,
+        notes=["(1, 0, 1) is the paper's ESMM; gains are against it."],
+    )
+    files = table.write(out)
+    files.append(plot_comparison(results, out / "task_weights.png", "ESMM task weights"))
+    return Outcome([table], files, results)
+
+
+def cmd_stop_gradient(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    specs = []
+    for setting in cfg.stop_gradient.settings:
+        label = f"CTCVR grad into {setting}"
+        sets = () if setting == "both" else (f"loss.ctcvr_grad_into={setting}",)
+        for seed in cfg.seeds_for(cfg.stop_gradient.seeds):
+            specs.append(RunSpec(label, "esmm", seed, cfg.data, sets))
+    results = train_all(ctx, specs, parent)
+    table = comparison_table(
+        "stop_gradient",
+        "Which tower the CTCVR loss trains (the other tower's output is detached in pCTCVR)",
+        "setting",
+        results,
+        reference="CTCVR grad into both" if "both" in cfg.stop_gradient.settings else None,
+        notes=["'both' is the paper's ESMM; gains are against it."],
+    )
+    files = table.write(out)
+    files.append(plot_comparison(results, out / "stop_gradient.png", "ESMM stop-gradient"))
+    return Outcome([table], files, results)
+
+
+def cmd_ranking(ctx: Context, parent: str, out: Path) -> Outcome:
+    results = train_all(ctx, paper_specs(ctx.cfg), parent)
+    table = ranking_table(results)
+    return Outcome([table], table.write(out), results)
+
+
+def cmd_bias_sweep(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    by_bias: dict[float, list[RunResult]] = {}
+    for bias in cfg.bias_sweep.values:
+        data = cfg.data.model_copy(update={"selection_bias": bias})
+        specs = [
+            RunSpec(variant, variant, seed, data)
+            for variant in cfg.bias_sweep.variants
+            for seed in cfg.seeds_for(cfg.bias_sweep.seeds)
+        ]
+        by_bias[bias] = train_all(ctx, specs, parent)
+    table = bias_sweep_table(by_bias, list(cfg.bias_sweep.variants))
+    files = table.write(out)
+    files.append(plot_bias_sweep(table, list(cfg.bias_sweep.variants), out / "bias_sweep.png"))
+    return Outcome([table], files, [r for rs in by_bias.values() for r in rs])
+
+
+COMMANDS: dict[str, Callable[[Context, str, Path], Outcome]] = {
+    "paper-table": cmd_paper_table,
+    "task-weights": cmd_task_weights,
+    "stop-gradient": cmd_stop_gradient,
+    "ranking": cmd_ranking,
+    "bias-sweep": cmd_bias_sweep,
+}
+
+DESCRIPTIONS = {
+    "paper-table": "every variant x every seed on one time-split dataset: the paper's Table 2 "
+    "(CVR AUC on clicked impressions, CTCVR AUC, mean ± std, gain over BASE) plus what the "
+    "paper could not measure: CVR AUC on the entire impression space against counterfactual "
+    "labels, the oracle's AUCs (the ceiling) and pCVR's Inherent Estimation Bias (mean pCVR / "
+    "mean true pCVR, ESCM²), overall and by pCTR decile",
+    "task-weights": "ESMM with other (CTR, CVR, CTCVR) loss weights (open question 1)",
+    "stop-gradient": "ESMM with the CTCVR gradient into both towers, the CVR tower or the CTR "
+    "tower (open question 2)",
+    "ranking": "how the methods rank by the paper's clicked-only CVR AUC vs the entire-space "
+    "CVR AUC (open question 3), from the paper-table runs",
+    "bias-sweep": "BASE and ESMM on datasets simulated with increasing selection bias: how "
+    "the ESMM - BASE gap moves with the bias (plot)",
+    "all": "the five above, under one MLflow parent run, plus report.md",
+}
+
+ABOUT = (
+    "The paper's comparison and its open questions, on simulated data with ground truth. "
+    "Every training is the production trainer (horovodrun -np N python -m esmm.train) on the "
+    "feature job's Parquet output; the data are made by spark-submit jobs/generate_logs.py "
+    "and jobs/build_features.py. Each sub-command writes its tables as markdown + CSV (and a "
+    "plot where one helps) under <workdir>/results/ and logs them as artifacts of one MLflow "
+    "parent run whose children are the trainings."
+)
+CACHE = (
+    "Datasets and finished trainings are cached under the work dir by a key of everything "
+    "that determines them, so an interrupted run resumes where it stopped and sub-commands "
+    "share the trainings they have in common (--fresh ignores the cache)."
+)
+EXAMPLES = """examples:
+  python -m experiments paper-table --config conf/experiment.yaml --quick
+  python -m experiments all --config conf/experiment.yaml
+  python -m experiments bias-sweep --set seeds=[1,2] --set np=1"""
+
+
+def _paragraphs(*texts: str) -> str:
+    return "\n\n".join(textwrap.fill(text, width=88) for text in texts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: a sub-command, then the options every sub-command takes."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", default="conf/experiment.yaml", help="experiment YAML")
+    options.add_argument(
+        "--quick",
+        action="store_true",
+        help="apply the config's 'quick' overrides (fewer seeds, smaller data): minutes",
+    )
+    options.add_argument(
+        "--fresh", action="store_true", help="ignore cached datasets and trainings"
+    )
+    add_override_argument(
+        options, "override an experiment-config key, e.g. --set seeds=[1,2] (repeatable)"
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_paragraphs(ABOUT, CACHE),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUB-COMMAND")
+    for name, text in DESCRIPTIONS.items():
+        sub.add_parser(
+            name,
+            parents=[options],
+            help=text,
+            description=_paragraphs(f"{name}: {text}.", CACHE),
+            epilog=f"example:\n  python -m {PROG} {name} --config conf/experiment.yaml --quick",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    return parser.parse_args(argv)
+
+
+def check_trainer_inputs(cfg: ExperimentConfig) -> None:
+    """The train config, the experiment's trainer overrides and the field list they name are
+    usable (:class:`ConfigError` otherwise), before any dataset or training starts."""
+    file_digest(project_path(cfg.train_config), "train_config")
+    file_digest(fields_file(cfg), "fields_config")
+
+
+def error_line(exc: Exception) -> str:
+    """``experiments: error: ...`` on one line (a config error lists its keys on several)."""
+    first, *rest = str(exc).strip().splitlines() or [""]
+    return f"{PROG}: error: " + " ".join([first, "; ".join(line.strip() for line in rest)]).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from esmm.tracking import TrackingError, flatten
+
+    try:
+        cfg = load_experiment_config(args.config, args.quick, args.overrides)
+        check_trainer_inputs(cfg)
+        ctx = resolve_context(cfg, args.fresh)
+    except (ConfigError, TrackingError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return EXIT_USAGE
+    names = list(COMMANDS) if args.command == "all" else [args.command]
+    params = flatten(cfg.model_dump(mode="json"))
+    params["command"] = args.command
+    params["quick"] = str(args.quick)
+    started = time.monotonic()
+    top = open_parent(ctx, args.command, None, params) if args.command == "all" else None
+    outcomes: dict[str, Outcome] = {}
+    for name in names:
+        run_id = open_parent(ctx, name, top, {} if top else params)
+        out = ctx.workdir / "results" / name.replace("-", "_")
+        t0 = time.monotonic()
+        try:
+            outcome = COMMANDS[name](ctx, run_id, out)
+        except (commands.StepFailed, ConfigError) as exc:
+            close_parent(ctx, run_id, time.monotonic() - t0, None)
+            if top:
+                close_parent(ctx, top, time.monotonic() - started, None)
+            if isinstance(exc, ConfigError):
+                print(error_line(exc), file=sys.stderr)
+                return EXIT_USAGE
+            print(f"{PROG}: {name}: {exc}", file=sys.stderr)
+            return 1
+        close_parent(ctx, run_id, time.monotonic() - t0, outcome.files, len(outcome.runs))
+        outcomes[name] = outcome
+        for table in outcome.tables:
+            print("\n" + table.markdown())
+        print(f"{name}: results in {out} (MLflow run {run_id})", file=sys.stderr)
+    elapsed = time.monotonic() - started
+    command_line = "python -m experiments " + " ".join(argv if argv else sys.argv[1:])
+    report = write_report(ctx, outcomes, command_line, elapsed)
+    if top:
+        close_parent(ctx, top, elapsed, [report])
+    print(
+        f"\n{args.command}: {ctx.launched} trainings run, {ctx.reused} reused from the cache, "
+        f"{elapsed / 60:.1f} min. Report: {report}\nMLflow: {ctx.tracking_uri} "
+        f"(experiment '{cfg.experiment}')",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def write_report(ctx: Context, outcomes: dict[str, Outcome], command: str, seconds: float) -> Path:
+    """All tables of this invocation in one markdown file, with the command and runtime."""
+    lines = [
+        "# Experiment report",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall clock: {seconds / 60:.1f} min ({ctx.launched} trainings run, "
+        f"{ctx.reused} reused from the cache), {ctx.cfg.np} Horovod workers.",
+        "",
+    ]
+    for name, outcome in outcomes.items():
+        lines.append(f"## {name}\n")
+        lines += [table.markdown() for table in outcome.tables]
+        lines += [
+            f"![{p.stem}]({p.relative_to(ctx.workdir / 'results')})"
+            for p in outcome.files
+            if p.suffix == ".png"
+        ]
+        lines.append("")
+    path = ctx.workdir / "results" / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,124 @@
+"""The experiment config (``conf/experiment.yaml``): datasets, the per-experiment settings
+and ``--quick``.
+
+:class:`ExperimentConfig` is the file's schema; :func:`load_experiment_config` reads it with
+its ``quick`` overrides when asked, then the command line's ``--set`` overrides, through the
+project's one loader (:func:`contract.config.load_config`), so every problem is one
+:class:`contract.config.ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from contract.config import StrictModel, load_config
+from esmm.losses import TaskWeights
+from esmm.model import Variant
+
+__all__ = [
+    "PAPER_VARIANTS",
+    "BiasSweepConfig",
+    "DataSpec",
+    "ExperimentConfig",
+    "PaperTableConfig",
+    "StopGradientConfig",
+    "TaskWeightsConfig",
+    "load_experiment_config",
+]
+
+PAPER_VARIANTS = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
+
+
+class DataSpec(StrictModel):
+    """One simulated dataset, split by time: the first ``train_days`` train, the rest evaluate.
+
+    Attributes:
+        preset: simulator preset (``conf/simulator.yaml``).
+        impressions_per_day: overrides the preset's volume (null: the preset's).
+        selection_bias: the simulator's sample-selection-bias knob (0..1, docs/DATA.md).
+        seed: simulator seed (the same data for every training seed).
+    """
+
+    preset: str = "demo"
+    start_date: date = date(2026, 1, 1)
+    train_days: int = Field(default=3, ge=1)
+    eval_days: int = Field(default=1, ge=1)
+    impressions_per_day: int | None = Field(default=None, ge=100)
+    selection_bias: float = Field(default=0.5, ge=0.0, le=1.0)
+    seed: int = 7
+
+    def days(self) -> list[str]:
+        return [
+            (self.start_date + timedelta(days=i)).isoformat()
+            for i in range(self.train_days + self.eval_days)
+        ]
+
+    def key(self) -> str:
+        volume = self.impressions_per_day or "preset"
+        return (
+            f"{self.preset}-n{volume}-bias{self.selection_bias:g}-seed{self.seed}"
+            f"-{self.start_date.isoformat()}-{self.train_days}+{self.eval_days}d"
+        )
+
+
+class PaperTableConfig(StrictModel):
+    variants: list[Variant] = Field(default_factory=lambda: [*PAPER_VARIANTS])
+
+
+class TaskWeightsConfig(StrictModel):
+    settings: list[TaskWeights] = Field(min_length=1)
+    seeds: int | None = Field(default=None, ge=1, description="first N seeds; null = all")
+
+
+class StopGradientConfig(StrictModel):
+    settings: list[Literal["both", "cvr", "ctr"]] = Field(default_factory=lambda: ["both"])
+    seeds: int | None = Field(default=None, ge=1)
+
+
+class BiasSweepConfig(StrictModel):
+    values: list[float] = Field(min_length=2)
+    variants: list[Variant] = Field(default_factory=lambda: ["base", "esmm"])
+    seeds: int | None = Field(default=None, ge=1)
+
+
+class ExperimentConfig(StrictModel):
+    """``conf/experiment.yaml``. ``quick`` holds overrides of this file that ``--quick``
+    applies (fewer seeds, smaller data); command-line ``--set`` overrides come last."""
+
+    workdir: str = "var/experiments"
+    train_config: str = "conf/train.yaml"
+    np: int = Field(default=2, ge=1)
+    seeds: list[int] = Field(min_length=1)
+    tracking_uri: str | None = None
+    experiment: str = "esmm-experiments"
+    train_overrides: list[str] = Field(default_factory=list)
+    data: DataSpec = Field(default_factory=DataSpec)
+    paper_table: PaperTableConfig = Field(default_factory=PaperTableConfig)
+    task_weights: TaskWeightsConfig
+    stop_gradient: StopGradientConfig = Field(default_factory=StopGradientConfig)
+    bias_sweep: BiasSweepConfig
+    quick: list[str] = Field(default_factory=list)
+
+    def seeds_for(self, count: int | None) -> list[int]:
+        return self.seeds if count is None else self.seeds[:count]
+
+
+def load_experiment_config(
+    path: str | Path, quick: bool, overrides: Sequence[str]
+) -> ExperimentConfig:
+    """The config file, with its ``quick`` overrides when asked, then ``overrides``."""
+    extra: list[str] = []
+    if quick:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            raw = {}  # load_config below reports the problem with the file
+        quick_sets = raw.get("quick") if isinstance(raw, dict) else None
+        extra = [str(item) for item in quick_sets or []]
+    return load_config(path, ExperimentConfig, [*extra, *overrides])

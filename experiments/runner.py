@@ -1,0 +1,344 @@
+"""What to train and training it: datasets, trainings, their cache and the MLflow parent runs.
+
+Every dataset is made by the pipeline's own jobs (``spark-submit jobs/generate_logs.py`` and
+``jobs/build_features.py``) and every training is the production trainer (``horovodrun -np N
+python -m esmm.train``), with the command lines of :mod:`contract.commands`.
+
+Both are cached under the work dir: a dataset by :meth:`DataSpec.key`, a finished training by
+:meth:`RunSpec.key`, a digest of everything that determines the training (the data spec,
+variant, seed, the run's and the experiment's trainer overrides, the bytes of the train
+config and of the field list it names, the number of Horovod workers). A changed setting
+therefore trains again, and two experiments that share a training (the paper table's ESMM
+and the task-weights default) share its key and train it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contract import commands
+from contract.config import ConfigError, load_config
+from experiments.config import DataSpec, ExperimentConfig
+
+__all__ = [
+    "Context",
+    "DatasetPaths",
+    "RunResult",
+    "RunSpec",
+    "close_parent",
+    "fields_file",
+    "open_parent",
+    "prepare_dataset",
+    "resolve_context",
+    "train",
+    "train_all",
+]
+
+
+# ---- what determines a training ----------------------------------------------------------------
+
+
+def project_path(path: str | Path) -> Path:
+    """``path`` as the launched commands see it: they run from the project root."""
+    path = Path(path)
+    return path if path.is_absolute() else commands.PROJECT_ROOT / path
+
+
+def file_digest(path: Path, what: str) -> str:
+    """SHA-256 of the file's bytes; a missing or unreadable file is a :class:`ConfigError`."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: file not found")
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
+    """The field list the trainer reads: ``fields_config`` of the train config after the
+    experiment's and the run's overrides (the driver passes no ``--fields``). Loading the
+    train config here also validates it and the overrides before anything runs."""
+    from esmm.train import TrainConfig
+
+    train_cfg = load_config(
+        project_path(cfg.train_config), TrainConfig, [*cfg.train_overrides, *overrides]
+    )
+    return project_path(train_cfg.fields_config)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training: variant and seed on a dataset, with extra trainer overrides.
+
+    ``label`` names the run in tables and MLflow only; it is not part of the key.
+    """
+
+    label: str
+    variant: str
+    seed: int
+    data: DataSpec
+    overrides: tuple[str, ...] = ()
+
+    def key(self, cfg: ExperimentConfig) -> str:
+        """The cache key of this training under ``cfg``: a digest of everything that
+        determines it (see the module docstring); raises :class:`ConfigError` when the train
+        config or its field list cannot be read."""
+        train_config = project_path(cfg.train_config)
+        config_digest = file_digest(train_config, "train_config")
+        fields = fields_file(cfg, self.overrides)
+        payload = json.dumps(
+            {
+                "data": self.data.model_dump(mode="json"),
+                "variant": self.variant,
+                "seed": self.seed,
+                "overrides": list(self.overrides),
+                "train_overrides": list(cfg.train_overrides),
+                "train_config": config_digest,
+                "fields": file_digest(fields, "fields_config"),
+                "np": cfg.np,
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
+        return f"{self.variant}-s{self.seed}-{digest}"
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    run_id: str
+    metrics: dict[str, float]
+    seconds: float
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    raw: Path
+    features: Path
+    train_dates: str
+    eval_dates: str
+
+
+@dataclass
+class Context:
+    """Where things go and how commands run, for one invocation."""
+
+    cfg: ExperimentConfig
+    workdir: Path
+    tracking_uri: str
+    experiment_id: str
+    fresh: bool = False
+    launched: int = 0
+    reused: int = 0
+    datasets: dict[str, DatasetPaths] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return commands.pipeline_env(self.tracking_uri)
+
+
+# ---- datasets and trainings --------------------------------------------------------------------
+
+
+def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
+    """Simulate and build the feature tables of ``spec`` once (cached by its key)."""
+    key = spec.key()
+    if key in ctx.datasets:
+        return ctx.datasets[key]
+    root = ctx.workdir / "data" / key
+    days = spec.days()
+    paths = DatasetPaths(
+        raw=root / "raw",
+        features=root / "features",
+        train_dates=f"{days[0]}..{days[spec.train_days - 1]}",
+        eval_dates=(
+            days[spec.train_days] if spec.eval_days == 1 else f"{days[spec.train_days]}..{days[-1]}"
+        ),
+    )
+    ready = root / "READY"
+    if ctx.fresh or not ready.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        sets = [f"presets.{spec.preset}.funnel.selection_bias={spec.selection_bias}"]
+        if spec.impressions_per_day:
+            sets.append(f"presets.{spec.preset}.impressions_per_day={spec.impressions_per_day}")
+        # One day more of raw logs than of features: the last day's late events land in D+1.
+        simulate = commands.spark_job(
+            commands.BIN,
+            "generate_logs",
+            commands.generate_logs_args(
+                paths.raw, days[0], len(days) + 1, spec.preset, spec.seed, sets
+            ),
+        )
+        build = commands.spark_job(
+            commands.BIN,
+            "build_features",
+            commands.build_features_args(paths.raw, paths.features, days[0], days[-1]),
+        )
+        logs = ctx.workdir / "logs"
+        print(f"dataset {key}: simulating {len(days) + 1} days", file=sys.stderr, flush=True)
+        commands.run_step(f"simulate {key}", simulate, ctx.env, log=logs / f"{key}-simulate.log")
+        print(f"dataset {key}: building {len(days)} feature days", file=sys.stderr, flush=True)
+        commands.run_step(f"features {key}", build, ctx.env, log=logs / f"{key}-features.log")
+        ready.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
+    ctx.datasets[key] = paths
+    return paths
+
+
+def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
+    """One training through the production trainer (horovodrun), or its cached result."""
+    key = spec.key(ctx.cfg)
+    runs = ctx.workdir / "runs"
+    summary_path = runs / f"{key}.json"
+    if summary_path.is_file() and not ctx.fresh:
+        summary = json.loads(summary_path.read_text())
+        ctx.reused += 1
+        return RunResult(spec, summary["run_id"], _metrics(summary), summary["seconds"], True)
+    data = prepare_dataset(ctx, spec.data)
+    checkpoints = ctx.workdir / "checkpoints" / key
+    overrides = [
+        f"seed={spec.seed}",
+        f"model.variant={spec.variant}",
+        "tracking.log_model=false",
+        "tracking.registered_model_name=null",
+        f"tracking.experiment={ctx.cfg.experiment}",
+        f"tracking.parent_run_id={parent_run_id}",
+        *ctx.cfg.train_overrides,
+        *spec.overrides,
+    ]
+    command = commands.trainer(
+        commands.BIN,
+        ctx.cfg.np,
+        commands.train_args(
+            ctx.cfg.train_config,
+            data.features,
+            data.train_dates,
+            data.eval_dates,
+            oracle=data.raw / "oracle",
+            checkpoint_dir=checkpoints,
+            run_name=f"{spec.label} seed {spec.seed}",
+            summary_json=summary_path.with_suffix(".trainer.json"),
+            no_progress=True,
+            sets=overrides,
+        ),
+    )
+    seconds = commands.run_step(
+        f"train {spec.label} seed {spec.seed}",
+        command,
+        ctx.env,
+        log=ctx.workdir / "logs" / f"{key}.log",
+        echo=False,
+    )
+    summary = json.loads(summary_path.with_suffix(".trainer.json").read_text())
+    summary.update(
+        seconds=seconds, spec={"label": spec.label, "variant": spec.variant, "seed": spec.seed}
+    )
+    summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+    summary_path.with_suffix(".trainer.json").unlink()
+    shutil.rmtree(checkpoints, ignore_errors=True)  # a finished run needs no resume point
+    ctx.launched += 1
+    return RunResult(spec, summary["run_id"], _metrics(summary), seconds)
+
+
+def _metrics(summary: dict) -> dict[str, float]:
+    return {k: (math.nan if v is None else float(v)) for k, v in summary["metrics"].items()}
+
+
+def train_all(ctx: Context, specs: Sequence[RunSpec], parent_run_id: str) -> list[RunResult]:
+    """Train ``specs`` in order with a progress bar and one line per finished run."""
+    from tqdm import tqdm
+
+    results = []
+    with tqdm(total=len(specs), desc="trainings", unit="run", file=sys.stderr) as bar:
+        for spec in specs:
+            result = train(ctx, spec, parent_run_id)
+            results.append(result)
+            m = result.metrics
+            bar.write(
+                f"{spec.label:<28} seed {spec.seed:<3} cvr_auc={m.get('cvr_auc', math.nan):.4f} "
+                f"ctcvr_auc={m.get('ctcvr_auc', math.nan):.4f} "
+                f"es_cvr_auc={m.get('entire_space_cvr_auc', math.nan):.4f} "
+                + ("(cached)" if result.cached else f"({result.seconds:.0f}s)"),
+                file=sys.stderr,
+            )
+            bar.update(1)
+    return results
+
+
+# ---- MLflow: the experiment and the parent runs ------------------------------------------------
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def resolve_context(cfg: ExperimentConfig, fresh: bool) -> Context:
+    """The work dir (made), the tracking URI (``MLFLOW_TRACKING_URI``, the config's, else a
+    SQLite store in the work dir; checked reachable) and the MLflow experiment (made)."""
+    from esmm.tracking import check_reachable, default_artifact_location
+
+    workdir = Path(cfg.workdir)
+    if not workdir.is_absolute():
+        workdir = commands.PROJECT_ROOT / workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or cfg.tracking_uri
+        or f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
+    )
+    check_reachable(uri)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(
+            cfg.experiment, artifact_location=default_artifact_location(uri)
+        )
+    )
+    return Context(cfg, workdir, uri, experiment_id, fresh=fresh)
+
+
+def open_parent(ctx: Context, name: str, parent: str | None, params: dict[str, str]) -> str:
+    """A new MLflow run ``name`` (under ``parent`` when given) with ``params``; its id."""
+    from mlflow.entities import Param
+
+    client = _client(ctx.tracking_uri)
+    tags = {"esmm.experiment_command": name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(ctx.experiment_id, run_name=name, tags=tags)
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in items[start : start + 100]]
+        )
+    return run.info.run_id
+
+
+def close_parent(
+    ctx: Context,
+    run_id: str,
+    seconds: float,
+    files: Sequence[Path] | None,
+    trainings: int = 0,
+) -> None:
+    """Log ``files`` as artifacts and finish the run; ``files=None`` marks it FAILED."""
+    client = _client(ctx.tracking_uri)
+    if files is not None:
+        for path in files:
+            client.log_artifact(run_id, str(path))
+        client.log_metric(run_id, "trainings", trainings)
+        client.log_metric(run_id, "wall_clock_s", seconds)
+    client.set_terminated(run_id, status="FINISHED" if files is not None else "FAILED")

@@ -1,0 +1,334 @@
+"""The result tables, from finished runs: plain arithmetic on their metrics, no I/O but
+:meth:`Table.write`.
+
+:class:`Table` holds one table (markdown cells for people, CSV values for programs);
+:func:`comparison_table` (mean ± std over seeds, gains over a reference, the oracle's
+ceilings), :func:`ieb_decile_table`, :func:`ranking_table` (with :func:`kendall_tau`) and
+:func:`bias_sweep_table` (with :func:`gap_with_error`) build them; :func:`mean_std` and the
+``fmt_*`` functions format the numbers as the paper prints them.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from experiments.runner import RunResult
+
+__all__ = [
+    "COMPARED",
+    "CSV_METRICS",
+    "ORACLE",
+    "Table",
+    "bias_sweep_table",
+    "comparison_table",
+    "fmt_auc",
+    "fmt_gain",
+    "fmt_ratio",
+    "gap_with_error",
+    "group",
+    "ieb_decile_table",
+    "kendall_tau",
+    "mean_std",
+    "ranking_table",
+    "stat",
+]
+
+
+@dataclass
+class Table:
+    """A result table: rows of cells, written as markdown and CSV."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    csv_header: list[str]
+    csv_rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        lines.append("| " + " | ".join(self.header) + " |")
+        lines.append("|" + "|".join(" --- " for _ in self.header) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines.append("")
+            lines += self.notes
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md, csv_path = out_dir / f"{self.name}.md", out_dir / f"{self.name}.csv"
+        md.write_text(self.markdown())
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.csv_header)
+            writer.writerows(self.csv_rows)
+        return [md, csv_path]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN std for one value)."""
+    array = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if array.size == 0:
+        return math.nan, math.nan
+    std = float(array.std(ddof=1)) if array.size > 1 else math.nan
+    return float(array.mean()), std
+
+
+def fmt_auc(mean: float, std: float) -> str:
+    """An AUC in points as the paper prints it: ``68.56 ± 0.37``."""
+    if math.isnan(mean):
+        return "n/a"
+    return f"{100 * mean:.2f}" + ("" if math.isnan(std) else f" ± {100 * std:.2f}")
+
+
+def fmt_ratio(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+
+def fmt_gain(value: float, base: float) -> str:
+    if math.isnan(value) or math.isnan(base):
+        return "n/a"
+    return f"{100 * (value - base):+.2f}"
+
+
+def group(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """Results by label, in first-seen order."""
+    grouped: dict[str, list[RunResult]] = {}
+    for result in results:
+        grouped.setdefault(result.spec.label, []).append(result)
+    return grouped
+
+
+def stat(results: Sequence[RunResult], metric: str) -> tuple[float, float]:
+    return mean_std([r.metrics.get(metric, math.nan) for r in results])
+
+
+COMPARED = (
+    ("cvr_auc", "CVR AUC (clicked)"),
+    ("ctcvr_auc", "CTCVR AUC"),
+    ("entire_space_cvr_auc", "CVR AUC (entire space)"),
+)
+CSV_METRICS = (
+    "ctr_auc",
+    "cvr_auc",
+    "ctcvr_auc",
+    "entire_space_cvr_auc",
+    "cvr_ieb",
+    "cvr_ieb_clicked",
+    "cvr_ieb_vs_counterfactual",
+    "cvr_logloss",
+    "ctcvr_logloss",
+)
+ORACLE = (
+    ("cvr_auc", "oracle_cvr_auc"),
+    ("ctcvr_auc", "oracle_ctcvr_auc"),
+    ("entire_space_cvr_auc", "oracle_entire_space_cvr_auc"),
+)
+
+
+def comparison_table(
+    name: str,
+    title: str,
+    label_header: str,
+    results: Sequence[RunResult],
+    reference: str | None,
+    notes: Sequence[str] = (),
+) -> Table:
+    """Mean ± std over seeds of the compared AUCs and the IEB, gains over ``reference``,
+    and the oracle's ceilings as the last row."""
+    grouped = group(results)
+    ref = grouped.get(reference) if reference else None
+    header = [label_header, "seeds"]
+    for _, title_ in COMPARED:
+        header.append(title_)
+        if ref:
+            header.append(f"gain vs {reference}")
+    header.append("pCVR IEB (mean pCVR / true)")
+    rows, csv_rows = [], []
+    for label, group_results in grouped.items():
+        row = [label, str(len(group_results))]
+        for metric, _ in COMPARED:
+            mean, std = stat(group_results, metric)
+            row.append(fmt_auc(mean, std))
+            if ref:
+                row.append(fmt_gain(mean, stat(ref, metric)[0]))
+        row.append(fmt_ratio(*stat(group_results, "cvr_ieb")))
+        rows.append(row)
+        csv_row: list[Any] = [label, len(group_results)]
+        for metric in CSV_METRICS:
+            csv_row.extend(stat(group_results, metric))
+        csv_row.append(" ".join(r.run_id for r in group_results))
+        csv_rows.append(csv_row)
+    everything = list(results)
+    oracle_row = ["oracle (true pCTR, pCVR)", "-"]
+    for metric, oracle_metric in ORACLE:
+        oracle_row.append(fmt_auc(stat(everything, oracle_metric)[0], math.nan))
+        if ref:
+            oracle_row.append(fmt_gain(stat(everything, oracle_metric)[0], stat(ref, metric)[0]))
+    oracle_row.append("1.000")
+    rows.append(oracle_row)
+    csv_header = [label_header, "seeds"]
+    for metric in CSV_METRICS:
+        csv_header += [f"{metric}_mean", f"{metric}_std"]
+    csv_header.append("mlflow_run_ids")
+    return Table(name, title, header, rows, csv_header, csv_rows, list(notes))
+
+
+def ieb_decile_table(results: Sequence[RunResult]) -> Table:
+    """pCVR / true pCVR within deciles of the model's pCTR (where does the IEB live?)."""
+    grouped = group(results)
+    deciles = range(1, 11)
+    header = ["model", *[f"d{d}" for d in deciles]]
+    rows, csv_rows = [], []
+    for label, group_results in grouped.items():
+        means = [stat(group_results, f"cvr_ieb_ctr_decile_{d}")[0] for d in deciles]
+        rows.append([label, *["n/a" if math.isnan(m) else f"{m:.2f}" for m in means]])
+        csv_rows.append([label, *means])
+    return Table(
+        "ieb_by_ctr_decile",
+        "pCVR estimation bias by decile of the model's pCTR (mean over seeds; 1.00 = unbiased)",
+        header,
+        rows,
+        header,
+        csv_rows,
+        ["d1 = the tenth of impressions with the lowest model pCTR, d10 the highest."],
+    )
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-a between two score lists (1 = same order, -1 = reversed)."""
+    pairs = list(itertools.combinations(range(len(a)), 2))
+    if not pairs:
+        return math.nan
+    score = sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j]) for i, j in pairs)
+    return float(score / len(pairs))
+
+
+def ranking_table(results: Sequence[RunResult]) -> Table:
+    """Methods ranked by clicked-only CVR AUC (the paper's test) and by entire-space CVR AUC."""
+    grouped = group(results)
+    labels = list(grouped)
+    clicked = [stat(grouped[label], "cvr_auc")[0] for label in labels]
+    entire = [stat(grouped[label], "entire_space_cvr_auc")[0] for label in labels]
+    ctcvr = [stat(grouped[label], "ctcvr_auc")[0] for label in labels]
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=lambda i: -values[i])
+        result = [0] * len(values)
+        for position, index in enumerate(order, start=1):
+            result[index] = position
+        return result
+
+    rank_clicked, rank_entire, rank_ctcvr = ranks(clicked), ranks(entire), ranks(ctcvr)
+    order = sorted(range(len(labels)), key=lambda i: rank_entire[i])
+    header = [
+        "model",
+        "CVR AUC (entire space)",
+        "rank (entire space)",
+        "CVR AUC (clicked)",
+        "rank (clicked)",
+        "rank (CTCVR AUC)",
+        "rank shift",
+    ]
+    rows, csv_rows = [], []
+    for i in order:
+        shift = rank_clicked[i] - rank_entire[i]
+        rows.append(
+            [
+                labels[i],
+                fmt_auc(*stat(grouped[labels[i]], "entire_space_cvr_auc")),
+                str(rank_entire[i]),
+                fmt_auc(*stat(grouped[labels[i]], "cvr_auc")),
+                str(rank_clicked[i]),
+                str(rank_ctcvr[i]),
+                f"{shift:+d}" if shift else "0",
+            ]
+        )
+        csv_rows.append(
+            [labels[i], entire[i], rank_entire[i], clicked[i], rank_clicked[i], rank_ctcvr[i]]
+        )
+    notes = [
+        f"Kendall's tau between the clicked-only and the entire-space ranking: "
+        f"{kendall_tau(clicked, entire):.2f}; between the CTCVR-AUC and the entire-space "
+        f"ranking: {kendall_tau(ctcvr, entire):.2f} (1 = same order).",
+        "rank shift = rank by clicked-only CVR AUC minus rank by entire-space CVR AUC "
+        "(positive: the paper's protocol under-rates the method).",
+    ]
+    csv_header = [
+        "model",
+        "entire_space_cvr_auc",
+        "rank_entire_space",
+        "cvr_auc_clicked",
+        "rank_clicked",
+        "rank_ctcvr",
+    ]
+    return Table(
+        "ranking",
+        "Ranking of methods: clicked-only vs entire-space CVR AUC",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        notes,
+    )
+
+
+def bias_sweep_table(results_by_bias: dict[float, list[RunResult]], variants: list[str]) -> Table:
+    """Per bias value: each variant's CVR AUCs and the last variant's gap over the first."""
+    first, last = variants[0], variants[-1]
+    header = ["selection bias"]
+    for _metric, title in (COMPARED[0], COMPARED[2]):
+        header += [f"{v} {title}" for v in variants] + [f"{last} − {first} ({title}, points)"]
+    header.append(f"{last} − {first} (CTCVR AUC, points)")
+    rows, csv_rows = [], []
+    for bias, results in sorted(results_by_bias.items()):
+        grouped = group(results)
+        row, csv_row = [f"{bias:g}"], [bias]
+        for metric in ("cvr_auc", "entire_space_cvr_auc", "ctcvr_auc"):
+            if metric != "ctcvr_auc":
+                for variant in variants:
+                    row.append(fmt_auc(*stat(grouped.get(variant, []), metric)))
+            gap, err = gap_with_error(grouped.get(first, []), grouped.get(last, []), metric)
+            row.append(f"{100 * gap:+.2f} ± {100 * err:.2f}" if not math.isnan(gap) else "n/a")
+            csv_row += [gap, err]
+        rows.append(row)
+        csv_rows.append(csv_row)
+    csv_header = ["selection_bias"]
+    for metric in ("cvr_auc", "entire_space_cvr_auc", "ctcvr_auc"):
+        csv_header += [f"gap_{metric}", f"gap_{metric}_stderr"]
+    return Table(
+        "bias_sweep",
+        f"{last} vs {first} as the simulator's selection bias grows",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        ["gap ± its standard error (sqrt(s_a²/n_a + s_b²/n_b) over seeds)."],
+    )
+
+
+def gap_with_error(
+    base: Sequence[RunResult], other: Sequence[RunResult], metric: str
+) -> tuple[float, float]:
+    """mean(other) - mean(base) and the standard error of that difference."""
+    if not base or not other:
+        return math.nan, math.nan
+    m_base, s_base = stat(base, metric)
+    m_other, s_other = stat(other, metric)
+    var = 0.0
+    for std, n in ((s_base, len(base)), (s_other, len(other))):
+        var += (std**2 / n) if not math.isnan(std) else 0.0
+    return m_other - m_base, math.sqrt(var)
