@@ -31,6 +31,7 @@ __all__ = [
     "PROJECT_ROOT",
     "StepFailed",
     "build_features_args",
+    "gate",
     "generate_logs_args",
     "horovodrun",
     "job_script",
@@ -125,6 +126,12 @@ def trainer(
 ) -> list[str]:
     """``horovodrun ... python -m esmm.train ARGS``."""
     return [*horovodrun(bin_dir, np, hosts), "-m", "esmm.train", *args]
+
+
+def gate(bin_dir: str | Path, args: Sequence[str]) -> list[str]:
+    """``python -m esmm.promotion ARGS`` with that environment's python."""
+    python = sys.executable if Path(bin_dir) == BIN else f"{bin_dir}/python"
+    return [python, "-m", "esmm.promotion", *args]
 
 
 def generate_logs_args(

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
-import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.feature_fixtures import small_fields
-from tests.helpers import PROJECT_ROOT, VENV_BIN, run_command
+from tests.helpers import PROJECT_ROOT, VENV_BIN
 
 AIRFLOW_BIN = PROJECT_ROOT / ".airflow-venv" / "bin"
 needs_airflow = pytest.mark.skipif(
@@ -55,7 +56,7 @@ def airflow_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, st
 def test_dag_imports_with_the_expected_tasks_and_dependencies(tmp_path):
     script = textwrap.dedent(
         """
-        import json, sys
+        import json, os, sys
         from airflow.dag_processing.dagbag import DagBag
         bag = DagBag(dag_folder=sys.argv[1])
         dag = bag.dags.get("esmm_daily")
@@ -67,6 +68,8 @@ def test_dag_imports_with_the_expected_tasks_and_dependencies(tmp_path):
             "timeouts": {t.task_id: bool(t.execution_timeout) for t in dag.tasks} if dag else {},
             "catchup": dag.catchup if dag else None,
             "schedule": str(dag.schedule) if dag else None,
+            "parsed": sorted(os.path.basename(s.file) for s in bag.dagbag_stats),
+            "imported": [m for m in ("torch", "pyspark", "horovod", "mlflow") if m in sys.modules],
         }))
         """
     )
@@ -81,6 +84,9 @@ def test_dag_imports_with_the_expected_tasks_and_dependencies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
+    # esmm_settings.py (the DAG's logic, no DAG in it) is in .airflowignore: never parsed
+    assert report["parsed"] == ["esmm_daily.py"]
+    assert report["imported"] == []  # the DAG and contract/ import none of the pipeline's runtime
     assert {k: set(v) for k, v in report["edges"].items()} == EXPECTED_EDGES
     shipped = yaml.safe_load((PROJECT_ROOT / "conf" / "pipeline.yaml").read_text())["dag"]
     for key in ("raw_root", "features_root", "train_window_days", "np", "predictions_root"):
@@ -91,33 +97,34 @@ def test_dag_imports_with_the_expected_tasks_and_dependencies(tmp_path):
     assert all(report["timeouts"].values())
 
 
+# The train task's last step reads the trainer's summary JSON with the pipeline venv's python
+# (the interpreter the horovodrun workers run) and says which interpreter that was.
+TRAINED_WITH = re.compile(r"esmm_daily: MLflow run \S+ registered version (\d+) \(python (\S+)\)")
+
+
+def interpreters_of_the_work(output: str) -> dict[str, str]:
+    """Registered version → the python that ran its train task's steps, from a run's log."""
+    return dict(TRAINED_WITH.findall(output))
+
+
+def migrate_airflow_db(env: dict[str, str]) -> subprocess.Popen:
+    """Start ``airflow db migrate`` (a fresh SQLite metadata DB) in the background."""
+    return subprocess.Popen(
+        [str(AIRFLOW_BIN / "airflow"), "db", "migrate"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 @needs_airflow
 @pytest.mark.integration
 @pytest.mark.timeout(1800)  # about 6 min on an idle 2-core machine; far more when it is shared
-def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
+def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server, raw_logs):
     import mlflow
 
-    raw, work = tmp_path / "raw", tmp_path / "work"
-    result = run_command(
-        [
-            str(VENV_BIN / "spark-submit"),
-            "--master",
-            "local[2]",
-            "jobs/generate_logs.py",
-            "--preset",
-            "tiny",
-            "--start-date",
-            "2026-01-02",
-            "--days",
-            "4",
-            "--out",
-            str(raw),
-            "--seed",
-            "5",
-        ],
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    work = tmp_path / "work"
     fields_file = tmp_path / "fields.yaml"
     fields_file.write_text(yaml.safe_dump(small_fields().model_dump(mode="json")))
     # Parse-time settings for a test: poke the (already complete) raw folders, no retries.
@@ -134,15 +141,18 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
             "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
         },
     )
-    migrate = subprocess.run(
-        [str(AIRFLOW_BIN / "airflow"), "db", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    # Airflow's metadata DB is migrated while the simulated logs are made (in this process,
+    # on the session's Spark): the two are independent.
+    migrate = migrate_airflow_db(env)
+    try:
+        # the session's shared logs (read-only: the DAG writes under tmp_path / "work")
+        raw = raw_logs("tiny", "2026-01-02", 4, 5)
+        migrate_output, _ = migrate.communicate(timeout=300)
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()
+            migrate.wait()
+    assert migrate.returncode == 0, migrate_output[-3000:]
     params = {
         "raw_root": str(raw),
         "features_root": str(work / "features"),
@@ -161,7 +171,8 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
         "promotion_overrides": ["promotion.min_auc=0.0", "promotion.calibration_bounds=[0.01,100]"],
     }
 
-    def run_day(logical_date: str, **extra) -> None:
+    def run_day(logical_date: str, **extra) -> str:
+        started = time.monotonic()
         result = subprocess.run(
             [
                 str(AIRFLOW_BIN / "airflow"),
@@ -178,24 +189,30 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
             timeout=900,
             check=False,
         )
+        print(f"airflow dags test {logical_date}: {time.monotonic() - started:.0f}s")
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
         # `dags test` exits 0 even when a task fails; the run's final state says it
         assert "state=failed" not in output and "Marking task as FAILED" not in output, output[
             -6000:
         ]
+        return output
 
     # day 1 (logical 2026-01-04 → day 2026-01-03) backfills one day: its 2-day window is
     # clipped to the one feature day that exists
-    run_day("2026-01-04", rebuild_days=1)
+    first_output = run_day("2026-01-04", rebuild_days=1)
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert str(client.get_model_version_by_alias("esmm-dag", "champion").version) == "1"
     first = client.get_model_version("esmm-dag", "1")
     assert first.tags["decision"] == "promoted"
     assert first.tags["champion_version_compared"] == "none"
     assert first.tags["train_dates"] == "2026-01-02"
+    # the train task's XCom (the gate's --version) came from the trainer's summary JSON
+    summary = json.loads((work / "checkpoints" / "2026-01-03" / "train_summary.json").read_text())
+    assert summary["registered_version"] == "1"
+    assert client.get_run(summary["run_id"]).data.tags["train_dates"] == "2026-01-02"
 
-    run_day("2026-01-05")
+    second_output = run_day("2026-01-05")
     second = client.get_model_version("esmm-dag", "2")
     assert second.tags["decision"] in {"promoted", "rejected"}
     assert second.tags["champion_version_compared"] == "1"
@@ -211,4 +228,8 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server):
         features = pq.read_table(work / "features" / f"dt={day}")
         assert len(predictions) == features.num_rows > 0
         assert set(predictions["model_version"]) == {version}
-    assert sys.executable  # the pipeline venv ran the work, the Airflow venv only scheduled
+    # The pipeline venv ran the work, the Airflow venv only scheduled: each day's train task
+    # read its registered version with the pipeline venv's python (the workers' interpreter).
+    pipeline_python = str(VENV_BIN / "python")
+    assert interpreters_of_the_work(first_output) == {"1": pipeline_python}, first_output[-6000:]
+    assert interpreters_of_the_work(second_output) == {"2": pipeline_python}
