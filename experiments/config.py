@@ -9,6 +9,7 @@ project's one loader (:func:`contract.config.load_config`), so every problem is 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -36,13 +37,21 @@ PAPER_VARIANTS = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns
 
 
 class DataSpec(StrictModel):
-    """One simulated dataset, split by time: the first ``train_days`` train, the rest evaluate.
+    """One dataset, split by time: the first ``train_days`` train, the rest evaluate.
+
+    By default the dataset is simulated and its feature tables built by the pipeline's own
+    jobs. With ``features`` set, the days are read from an existing feature table instead
+    (your own data, or tables built before), and nothing is simulated.
 
     Attributes:
         preset: simulator preset (``conf/simulator.yaml``).
         impressions_per_day: overrides the preset's volume (null: the preset's).
         selection_bias: the simulator's sample-selection-bias knob (0..1, docs/DATA.md).
         seed: simulator seed (the same data for every training seed).
+        features: an existing feature table root (path or URL) holding the days; null =
+            simulate. The simulator settings above are then ignored.
+        oracle: the simulator's oracle root for the entire-space metrics; null = none (a
+            simulated dataset always has one).
     """
 
     preset: str = "demo"
@@ -52,6 +61,8 @@ class DataSpec(StrictModel):
     impressions_per_day: int | None = Field(default=None, ge=100)
     selection_bias: float = Field(default=0.5, ge=0.0, le=1.0)
     seed: int = 7
+    features: str | None = None
+    oracle: str | None = None
 
     def days(self) -> list[str]:
         return [
@@ -60,11 +71,13 @@ class DataSpec(StrictModel):
         ]
 
     def key(self) -> str:
+        split = f"{self.start_date.isoformat()}-{self.train_days}+{self.eval_days}d"
+        if self.features is not None:
+            # A table given by path: its location (and oracle) name it, not simulator knobs.
+            source = hashlib.sha256(f"{self.features}|{self.oracle}".encode()).hexdigest()[:12]
+            return f"table-{source}-{split}"
         volume = self.impressions_per_day or "preset"
-        return (
-            f"{self.preset}-n{volume}-bias{self.selection_bias:g}-seed{self.seed}"
-            f"-{self.start_date.isoformat()}-{self.train_days}+{self.eval_days}d"
-        )
+        return f"{self.preset}-n{volume}-bias{self.selection_bias:g}-seed{self.seed}-{split}"
 
 
 class PaperTableConfig(StrictModel):

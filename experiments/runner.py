@@ -122,8 +122,8 @@ class RunResult:
 
 @dataclass(frozen=True)
 class DatasetPaths:
-    raw: Path
-    features: Path
+    features: str
+    oracle: str | None
     train_dates: str
     eval_dates: str
 
@@ -150,20 +150,23 @@ class Context:
 
 
 def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
-    """Simulate and build the feature tables of ``spec`` once (cached by its key)."""
+    """The feature tables of ``spec``: simulated and built once (cached by its key), or the
+    existing table ``spec.features`` as it is."""
     key = spec.key()
     if key in ctx.datasets:
         return ctx.datasets[key]
-    root = ctx.workdir / "data" / key
     days = spec.days()
-    paths = DatasetPaths(
-        raw=root / "raw",
-        features=root / "features",
-        train_dates=f"{days[0]}..{days[spec.train_days - 1]}",
-        eval_dates=(
-            days[spec.train_days] if spec.eval_days == 1 else f"{days[spec.train_days]}..{days[-1]}"
-        ),
+    train_dates = f"{days[0]}..{days[spec.train_days - 1]}"
+    eval_dates = (
+        days[spec.train_days] if spec.eval_days == 1 else f"{days[spec.train_days]}..{days[-1]}"
     )
+    if spec.features is not None:
+        paths = DatasetPaths(spec.features, spec.oracle, train_dates, eval_dates)
+        ctx.datasets[key] = paths
+        return paths
+    root = ctx.workdir / "data" / key
+    raw = root / "raw"
+    paths = DatasetPaths(str(root / "features"), str(raw / "oracle"), train_dates, eval_dates)
     ready = root / "READY"
     if ctx.fresh or not ready.is_file():
         shutil.rmtree(root, ignore_errors=True)
@@ -174,20 +177,19 @@ def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
         simulate = commands.spark_job(
             commands.BIN,
             "generate_logs",
-            commands.generate_logs_args(
-                paths.raw, days[0], len(days) + 1, spec.preset, spec.seed, sets
-            ),
+            commands.generate_logs_args(raw, days[0], len(days) + 1, spec.preset, spec.seed, sets),
         )
         build = commands.spark_job(
             commands.BIN,
             "build_features",
-            commands.build_features_args(paths.raw, paths.features, days[0], days[-1]),
+            commands.build_features_args(raw, paths.features, days[0], days[-1]),
         )
         logs = ctx.workdir / "logs"
         print(f"dataset {key}: simulating {len(days) + 1} days", file=sys.stderr, flush=True)
         commands.run_step(f"simulate {key}", simulate, ctx.env, log=logs / f"{key}-simulate.log")
         print(f"dataset {key}: building {len(days)} feature days", file=sys.stderr, flush=True)
         commands.run_step(f"features {key}", build, ctx.env, log=logs / f"{key}-features.log")
+        root.mkdir(parents=True, exist_ok=True)
         ready.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
     ctx.datasets[key] = paths
     return paths
@@ -222,7 +224,7 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
             data.features,
             data.train_dates,
             data.eval_dates,
-            oracle=data.raw / "oracle",
+            oracle=data.oracle,
             checkpoint_dir=checkpoints,
             run_name=f"{spec.label} seed {spec.seed}",
             summary_json=summary_path.with_suffix(".trainer.json"),

@@ -186,6 +186,39 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
         spec.key(missing)
 
 
+def test_a_simulated_dataset_is_made_by_the_pipelines_own_jobs_once(tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(runner.commands, "run_step", lambda title, cmd, *a, **k: steps.append(cmd))
+    cfg = config.load_experiment_config(CONFIG, True, [f"workdir={tmp_path}"])
+    ctx = runner.Context(cfg, tmp_path, "sqlite:///unused.db", "0")
+    spec = config.DataSpec(preset="tiny", selection_bias=0.9, impressions_per_day=3000, seed=3)
+    paths = runner.prepare_dataset(ctx, spec)
+    simulate, build = steps
+    raw = str(tmp_path / "data" / spec.key() / "raw")
+    assert simulate[simulate.index("jobs/generate_logs.py") + 1 :] == [
+        *("--preset", "tiny", "--start-date", "2026-01-01", "--days", "5", "--seed", "3"),
+        *("--out", raw, "--set", "presets.tiny.funnel.selection_bias=0.9"),
+        *("--set", "presets.tiny.impressions_per_day=3000"),
+    ]
+    assert build[build.index("jobs/build_features.py") + 1 :] == [
+        *("--raw", raw, "--out", paths.features),
+        *("--start-date", "2026-01-01", "--end-date", "2026-01-04"),
+    ]
+    assert (paths.train_dates, paths.eval_dates) == ("2026-01-01..2026-01-03", "2026-01-04")
+    assert paths.oracle == f"{raw}/oracle"
+    assert runner.prepare_dataset(ctx, spec) == paths and len(steps) == 2  # made once
+
+    given = config.DataSpec(features="hdfs://nn/features", train_days=2, eval_days=2)
+    table = runner.prepare_dataset(ctx, given)
+    assert (table.features, table.oracle) == ("hdfs://nn/features", None)
+    assert (table.train_dates, table.eval_dates) == (
+        "2026-01-01..2026-01-02",
+        "2026-01-03..2026-01-04",
+    )
+    assert len(steps) == 2  # nothing simulated for a given table
+    assert given.key() != given.model_copy(update={"features": "hdfs://nn/other"}).key()
+
+
 @pytest.fixture
 def restore_mlflow_tracking_uri(monkeypatch):
     """The driver, run in-process, sets MLflow's global tracking URI (and the environment
@@ -199,9 +232,13 @@ def restore_mlflow_tracking_uri(monkeypatch):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_quick_paper_table_trains_every_run_under_one_parent(
-    tmp_path, mlflow_server, restore_mlflow_tracking_uri, capsys
+    tmp_path, mlflow_server, restore_mlflow_tracking_uri, capsys, raw_logs, built_features
 ):
     workdir = tmp_path / "exp"
+    # The session's shared tiny dataset (tests/conftest.py): the runs read its feature tables
+    # as a user's own tables are read (data.features), nothing is simulated again.
+    raw = raw_logs()
+    features = built_features(raw, "2026-01-02", "2026-01-03")
     variants = ["base", "esmm"]
     options = [
         "--config",
@@ -216,9 +253,13 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
         # the smallest real run: one day trains, the next evaluates, 3000 impressions a day
         # (about 200 clicks and 40 conversions), one Horovod worker (still horovodrun)
         "--set",
-        "data.train_days=1",
+        f"data.features={features}",
         "--set",
-        "data.impressions_per_day=3000",
+        f"data.oracle={raw / 'oracle'}",
+        "--set",
+        "data.start_date=2026-01-02",
+        "--set",
+        "data.train_days=1",
         "--set",
         "np=1",
         # batches assembled in the trainer's own process (the child process costs seconds per
