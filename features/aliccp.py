@@ -12,47 +12,50 @@ A ``feature_list`` is features separated by ``\\x01``, each ``field_id\\x02featu
 The steps (pure DataFrame → DataFrame, Spark built-ins only, no Python UDF):
 
 1. :func:`parse_skeleton`, :func:`parse_common_features` — split lines and feature lists,
-   give each bad line a ``reason``.
+   give each bad line a ``reason`` (:class:`features.transforms.Reason`, the codes of both
+   feature jobs).
 2. :func:`encode_common_features` — one row per valid ``common_feature_index`` with the
    hashed ids of every field (duplicates of an index are counted and dropped).
 3. :func:`join_samples` — each valid skeleton line joined with its common features; lines
    whose index is unknown get ``unknown_common_feature``. A field is taken from the line's
    own features first, from its common features otherwise.
+4. :func:`ingest_split` — counts every file's lines, then stages, checks and publishes the
+   split with :func:`features.publish.stage_and_publish`, the daily job's path.
 
 Feature values (the part after ``\\x03``) are not stored: the model is id-only. They are used
 once: a multi-valued field longer than ``max_len`` keeps the ids with the largest values
-(behaviour counts for the ``*_14`` bags), ties in line order. :func:`write_fixture` writes a
-small raw dataset in exactly this format for the tests.
+(behaviour counts for the ``*_14`` bags), ties in line order. ``tests/aliccp_fixture.py``
+writes a small raw dataset in exactly this format for the tests.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from contract.fields import FieldsConfig, FieldSpec
 from contract.schema import CLICK, CONVERSION, IMPRESSION_ID
-from features import io, stats
-from features.transforms import hash_bag, hash_id
+from features import publish, stats
+from features.config import OutputConfig
+from features.publish import PublishedPartition
+from features.transforms import (
+    DEDUPLICATED,
+    OUTPUT,
+    QUARANTINED,
+    Reason,
+    hash_bag,
+    hash_id,
+    missing_ids,
+)
 
 __all__ = [
     "COMMON",
-    "KNOWN_SAMPLE",
     "SKELETON",
     "SPLITS",
-    "AccountingError",
-    "Reason",
-    "SplitResult",
-    "conservation_problems",
+    "TABLE_OUTPUTS",
     "encode_common_features",
     "encode_fields",
     "field_id",
@@ -62,7 +65,6 @@ __all__ = [
     "parse_feature_list",
     "parse_skeleton",
     "raw_file",
-    "write_fixture",
 ]
 
 SKELETON = "sample_skeleton"
@@ -76,19 +78,9 @@ _ENTRY = r"^[0-9]+(_[0-9]+)?\x02[0-9]+\x03[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-
 _FEATURES_TYPE = "array<struct<field:string,id:string,value:double,pos:int>>"
 _LABEL = r"^[01]$"
 _COUNT = r"^[0-9]+$"
-
-
-class Reason:
-    """Reason codes of quarantined lines (the ``reason`` column) and of dropped duplicates."""
-
-    BAD_COLUMN_COUNT = "bad_column_count"
-    BAD_LABEL = "bad_label"  # click or buy not 0/1
-    BUY_WITHOUT_CLICK = "buy_without_click"
-    MISSING_KEY = "missing_key"  # empty sample_id or common_feature_index
-    BAD_FEATURE_NUM = "bad_feature_num"  # not an integer, or != the number of features
-    BAD_FEATURE_ENTRY = "bad_feature_entry"  # an entry not field\x02id\x03value
-    UNKNOWN_COMMON_FEATURE = "unknown_common_feature"
-    DUPLICATE_COMMON_FEATURE = "duplicate_common_feature_index"
+# The conservation rule of the table (features.stats.conservation_problems): one row per
+# skeleton output.
+TABLE_OUTPUTS = {SKELETON: "rows"}
 
 
 def raw_file(input_dir: str, log: str, split: str) -> str:
@@ -276,11 +268,8 @@ def join_samples(skeleton: DataFrame, common: DataFrame, fields: FieldsConfig) -
     columns = []
     for spec in fields.fields:
         own, shared = F.col(f"_s_{spec.name}"), F.col(f"_c_{spec.name}")
-        if spec.kind == "multi":
-            zeros = F.array_repeat(F.lit(0).cast("long"), spec.max_len or 1)
-            value = F.when(own[0] != 0, own).otherwise(F.coalesce(shared, zeros))
-        else:
-            value = F.when(own != 0, own).otherwise(F.coalesce(shared, F.lit(0).cast("long")))
+        found = own[0] != 0 if spec.kind == "multi" else own != 0
+        value = F.when(found, own).otherwise(F.coalesce(shared, missing_ids(spec)))
         columns.append(value.alias(spec.name))
     reason = F.when(F.col("_found").isNull(), F.lit(Reason.UNKNOWN_COMMON_FEATURE))
     rows = joined.select(
@@ -295,190 +284,11 @@ def join_samples(skeleton: DataFrame, common: DataFrame, fields: FieldsConfig) -
         F.col("sample_id").alias(IMPRESSION_ID),
         F.lit(0).alias(CLICK),
         F.lit(0).alias(CONVERSION),
-        *[_missing(spec).alias(spec.name) for spec in fields.fields],
+        *[missing_ids(spec).alias(spec.name) for spec in fields.fields],
         "reason",
         "raw",
     )
     return rows.unionByName(bad)
-
-
-def _missing(spec: FieldSpec) -> Column:
-    if spec.kind == "multi":
-        return F.array_repeat(F.lit(0).cast("long"), spec.max_len or 1)
-    return F.lit(0).cast("long")
-
-
-# --- fixture -----------------------------------------------------------------------------
-
-# The first train line of the fixture, pinned so tests can check parsing end to end.
-# Its bag 109_14 has 20 entries (more than max_len) with distinct values, 210 has 3.
-KNOWN_SAMPLE = {
-    "sample_id": "1",
-    "common_feature_index": "a0000000000001",
-    "item": {"205": "205001", "206": "206001", "207": "207001", "216": "216001", "301": "1"},
-    "intentions": [("210001", 1.0), ("210002", 3.0), ("210003", 2.0)],
-    "user": {"101": "101001", "121": "121001", "124": "2", "125": "3"},
-    "categories": [(str(109000 + k), float(k)) for k in range(1, 21)],
-}
-
-_USER_SINGLE = ("121", "122", "124", "125", "126", "127", "128", "129")
-_USER_BAGS = ("109_14", "110_14", "127_14", "150_14")
-
-
-def _entry(field: str, feature_id: str, value: float = 1.0) -> str:
-    return f"{field}{FIELD_SEP}{feature_id}{VALUE_SEP}{value:g}"
-
-
-def _join(entries: list[str]) -> str:
-    return FEATURE_SEP.join(entries)
-
-
-def _user_line(rng: random.Random, index: str, user: int) -> str:
-    entries = [_entry("101", str(101000 + user))]
-    entries += [_entry(f, str(rng.randrange(1, 9))) for f in _USER_SINGLE]
-    for bag in _USER_BAGS:
-        for _ in range(rng.randrange(0, 21)):
-            entries.append(_entry(bag, str(rng.randrange(1, 500)), rng.randrange(1, 50) / 10))
-    return f"{index},{len(entries)},{_join(entries)}"
-
-
-def _sample_line(rng: random.Random, sample_id: int, index: str, user: int) -> str:
-    item = rng.randrange(1, 300)
-    entries = [
-        _entry("205", str(205000 + item)),
-        _entry("206", str(206000 + item % 40)),
-        _entry("207", str(207000 + item % 90)),
-        _entry("216", str(216000 + item % 70)),
-        _entry("301", str(rng.randrange(1, 4))),
-        _entry("508", str(rng.randrange(1, 1000)), rng.randrange(1, 9) / 2),
-        _entry("509", str(rng.randrange(1, 1000)), rng.randrange(1, 9) / 2),
-        _entry("702", str(rng.randrange(1, 1000)), rng.randrange(1, 9) / 2),
-    ]
-    for _ in range(rng.randrange(1, 4)):
-        node = rng.randrange(1, 200)
-        entries.append(_entry("210", str(210000 + node)))
-        entries.append(_entry("853", str(853000 + node), rng.randrange(1, 9) / 2))
-    # Labels with some signal (item and user groups), so AUCs are measurable.
-    click = int(rng.random() < (0.35 if item % 3 == 0 else 0.12))
-    buy = int(click == 1 and rng.random() < (0.4 if user % 2 == 0 else 0.12))
-    return f"{sample_id},{click},{buy},{index},{len(entries)},{_join(entries)}"
-
-
-def _known_lines() -> tuple[str, str]:
-    k = KNOWN_SAMPLE
-    item = [_entry(f, v) for f, v in k["item"].items()]
-    item += [_entry("210", i, v) for i, v in k["intentions"]]
-    skeleton = f"{k['sample_id']},1,1,{k['common_feature_index']},{len(item)},{_join(item)}"
-    user = [_entry(f, v) for f, v in k["user"].items()]
-    user += [_entry("109_14", i, v) for i, v in k["categories"]]
-    common = f"{k['common_feature_index']},{len(user)},{_join(user)}"
-    return skeleton, common
-
-
-def write_fixture(
-    folder: str | Path, seed: int = 7, train_samples: int = 3000, test_samples: int = 1500
-) -> dict[str, dict[str, int]]:
-    """Write a small Ali-CCP raw dataset (the four files) in exactly the raw format.
-
-    Per split: ``samples`` skeleton lines over 120 users' common features, one user index
-    used by ~30 % of the lines (a hot key, as in the real data), multi-valued bags longer than
-    their ``max_len``, and the dirt each quarantine reason needs: a line with 5 columns, a
-    non-integer click, a buy without click, an unknown common-feature index, a bad feature
-    entry, a wrong feature_num; in the common file a malformed line and a duplicate index.
-    The first train line is :data:`KNOWN_SAMPLE`. Deterministic for a given ``seed``.
-
-    Returns:
-        ``{split: {"skeleton_lines": n, "common_lines": m}}``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, dict[str, int]] = {}
-    for split, samples in (("train", train_samples), ("test", test_samples)):
-        rng = random.Random(f"{seed}-{split}")
-        indexes = [f"{split[:2]}{rng.getrandbits(48):012x}" for _ in range(120)]
-        common = [_user_line(rng, index, user) for user, index in enumerate(indexes)]
-        common.append(common[5])  # a duplicate index (identical copy)
-        common.append(f"{indexes[0]}-broken,7")  # two columns
-        skeleton = []
-        if split == "train":
-            known_skeleton, known_common = _known_lines()
-            skeleton.append(known_skeleton)
-            common.insert(0, known_common)
-        base = 1 if split == "train" else 10_000_001
-        for n in range(len(skeleton), samples):
-            user = 0 if rng.random() < 0.3 else rng.randrange(len(indexes))
-            skeleton.append(_sample_line(rng, base + n, indexes[user], user))
-        good = _sample_line(rng, 0, indexes[1], 1).split(",", 1)[1]  # a valid tail to damage
-        click, buy, index, num, features = good.split(",")
-        dirt = [
-            f"{base + samples},{click},{buy},{index},{num}",  # 5 columns
-            f"{base + samples + 1},yes,0,{index},{num},{features}",  # non-integer click
-            f"{base + samples + 2},0,1,{index},{num},{features}",  # buy without click
-            f"{base + samples + 3},{click},{buy},ffffffffffffff,{num},{features}",  # unknown key
-            f"{base + samples + 4},{click},{buy},{index},{int(num) + 1},"
-            f"{features}{FEATURE_SEP}205{FIELD_SEP}oops",  # bad entry
-            f"{base + samples + 5},{click},{buy},{index},{int(num) + 3},{features}",  # bad count
-        ]
-        # Spread the dirt through the file instead of leaving it at the end.
-        for offset, line in enumerate(dirt):
-            skeleton.insert(rng.randrange(1, len(skeleton)) + offset, line)
-        (folder / f"{SKELETON}_{split}.csv").write_text("\n".join(skeleton) + "\n")
-        (folder / f"{COMMON}_{split}.csv").write_text("\n".join(common) + "\n")
-        counts[split] = {"skeleton_lines": len(skeleton), "common_lines": len(common)}
-    return counts
-
-
-# --- one split, end to end ---------------------------------------------------------------
-
-
-class AccountingError(Exception):
-    """Input lines are not all accounted for: the split is not published."""
-
-
-@dataclass(frozen=True)
-class SplitResult:
-    """What the ingestion of one split wrote."""
-
-    split: str
-    table_path: str
-    quarantine_path: str
-    stats_path: str
-    stats: dict[str, Any]
-
-
-def _log_counts(input_rows: int, output: int, reasons: dict[str, int], dedup: int) -> dict:
-    return {
-        "input": input_rows,
-        "output": output,
-        "quarantined": sum(reasons.values()),
-        "quarantined_by": dict(sorted(reasons.items())),
-        "deduplicated": dedup,
-        "deduplicated_by": {Reason.DUPLICATE_COMMON_FEATURE: dedup} if dedup else {},
-    }
-
-
-def conservation_problems(split_stats: dict[str, Any]) -> list[str]:
-    """Every violated accounting rule of a split's stats (empty when all hold).
-
-    Rules: per file, input = output + quarantined + deduplicated; the table has one row per
-    skeleton output; no conversion without a click.
-    """
-    problems = []
-    for log, c in split_stats["logs"].items():
-        if c["input"] != c["output"] + c["quarantined"] + c["deduplicated"]:
-            problems.append(
-                f"{log}: input {c['input']} != output {c['output']} + quarantined "
-                f"{c['quarantined']} + deduplicated {c['deduplicated']}"
-            )
-    table = split_stats["table"]
-    if split_stats["logs"][SKELETON]["output"] != table["rows"]:
-        problems.append(
-            f"{SKELETON}: output {split_stats['logs'][SKELETON]['output']} != {table['rows']} "
-            "rows in the table"
-        )
-    if table["conversion_without_click"]:
-        problems.append(f"{table['conversion_without_click']} rows convert without a click")
-    return problems
 
 
 def ingest_split(
@@ -487,19 +297,22 @@ def ingest_split(
     out: str,
     split: str,
     fields: FieldsConfig,
-    rows_per_row_group: int = 100_000,
-    min_row_groups: int = 4,
-) -> SplitResult:
+    output: OutputConfig | None = None,
+) -> PublishedPartition:
     """Parse, join, check and publish one split as ``<out>/dt=<split>/``.
 
     Also writes ``<out>/_quarantine/dt=<split>/log=<file>/`` (``reason``, ``raw``) and
-    ``<out>/_stats/dt=<split>.json``; the table is published last, only when the accounting
-    check passes.
+    ``<out>/_stats/dt=<split>.json``, through :func:`features.publish.stage_and_publish`: the
+    table is published last, only when the accounting check passes.
+
+    Args:
+        output: the table's files (rows per row group, at least ``min_row_groups``); the
+            defaults of :class:`features.config.OutputConfig` when None.
 
     Raises:
         AccountingError: some input line is not accounted for (nothing is published).
     """
-    out = out.rstrip("/")
+    output = output or OutputConfig()
     keep = StorageLevel.MEMORY_AND_DISK
     skeleton_path, common_path = (raw_file(input_dir, log, split) for log in (SKELETON, COMMON))
 
@@ -521,34 +334,25 @@ def ingest_split(
     common_out = common.agg(F.count(F.lit(1)), F.sum(F.col("copies") - 1)).first()
     by_reason = {r["reason"]: r["count"] for r in rows.groupBy("reason").count().collect()}
     skeleton_out = by_reason.pop(None, 0)
-
-    run = f"{out}/_tmp/{split}-{uuid.uuid4().hex[:8]}"
-    files = max(min_row_groups, math.ceil(skeleton_out / rows_per_row_group))
-    table = rows.where(F.col("reason").isNull()).drop("reason", "raw")
-    (
-        table.repartition(files, IMPRESSION_ID)
-        .write.option("maxRecordsPerFile", rows_per_row_group)
-        .mode("overwrite")
-        .parquet(f"{run}/table")
-    )
-    split_stats: dict[str, Any] = {
-        "dt": split,
-        "logs": {
-            SKELETON: _log_counts(skeleton_input, skeleton_out, by_reason, 0),
-            COMMON: _log_counts(
-                common_input, common_out[0], common_reasons, int(common_out[1] or 0)
-            ),
-        },
-        "table": stats.table_stats(
-            spark.read.parquet(f"{run}/table").agg(*stats.table_metrics(fields)).first().asDict(),
-            fields,
-        ),
-        "inputs": {SKELETON: skeleton_path, COMMON: common_path},
+    common_statuses = [(OUTPUT, None, common_out[0])]
+    common_statuses += [(QUARANTINED, r, n) for r, n in common_reasons.items()]
+    if common_out[1]:
+        common_statuses.append((DEDUPLICATED, Reason.DUPLICATE_COMMON_FEATURE, common_out[1]))
+    skeleton_statuses = [(OUTPUT, None, skeleton_out)]
+    skeleton_statuses += [(QUARANTINED, r, n) for r, n in by_reason.items()]
+    logs = {
+        SKELETON: stats.log_counts(skeleton_input, skeleton_statuses),
+        COMMON: stats.log_counts(common_input, common_statuses),
     }
-    problems = conservation_problems(split_stats)
-    if problems:
-        io.delete(spark, run)
-        raise AccountingError(f"{split}: " + "; ".join(problems))
+
+    # The table's stats are observed while it is written, as in the daily job.
+    table_seen = Observation(f"aliccp-{split}")
+    table = (
+        rows.where(F.col("reason").isNull())
+        .drop("reason", "raw")
+        .repartition(publish.file_count(skeleton_out, output), IMPRESSION_ID)
+        .observe(table_seen, *stats.table_metrics(fields))
+    )
     quarantine = rows.where(F.col("reason").isNotNull()).select(
         F.lit(SKELETON).alias("log"), "reason", "raw"
     )
@@ -557,16 +361,25 @@ def ingest_split(
             F.lit(COMMON).alias("log"), "reason", "raw"
         )
     )
-    quarantine.write.mode("overwrite").partitionBy("log").parquet(f"{run}/quarantine")
-    io.write_text(spark, f"{run}/stats.json", json.dumps(split_stats, indent=2, sort_keys=True))
 
-    paths = io.publish_partition(spark, run, out, split)
-    result = SplitResult(
-        split=split,
-        table_path=paths.table,
-        quarantine_path=paths.quarantine,
-        stats_path=paths.stats,
-        stats=split_stats,
+    def split_stats() -> dict[str, Any]:
+        return {
+            "dt": split,
+            "logs": logs,
+            "table": stats.table_stats(table_seen.get, fields),
+            "inputs": {SKELETON: skeleton_path, COMMON: common_path},
+        }
+
+    result = publish.stage_and_publish(
+        spark,
+        out,
+        split,
+        table,
+        quarantine,
+        split_stats,
+        fields,
+        output,
+        table_outputs=TABLE_OUTPUTS,
     )
     for frame in (rows, common, common_parsed):
         frame.unpersist()

@@ -3,19 +3,20 @@
 Everything goes through Hadoop's FileSystem API (via the session's JVM) so the same code works
 on a local disk, HDFS or an object store connector.
 
-A day is published by writing it completely under ``<out>/_tmp/<run>/`` and then renaming the
-directory into place: a reader never sees a half-written ``dt=D`` (paths starting with ``_``
-are ignored by Spark, pyarrow and Petastorm), and a failed run leaves the previous ``dt=D``
-untouched.
+A partition is published by writing it completely under ``<out>/_tmp/<run>/`` and then
+renaming it into place (:func:`publish_partition`, the paths of :mod:`contract.layout`): a
+reader never sees a half-written ``dt=P`` (paths starting with ``_`` are ignored by Spark,
+pyarrow and Petastorm), and a failed run leaves the previous ``dt=P`` untouched. The whole
+stage → check → publish sequence of the jobs is :func:`features.publish.stage_and_publish`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyspark.sql import SparkSession
 
-__all__ = ["PartitionPaths", "delete", "exists", "publish", "publish_partition", "write_text"]
+from contract.layout import PartitionPaths, partition_paths
+
+__all__ = ["delete", "exists", "publish", "publish_partition", "write_text"]
 
 
 def _fs_and_path(spark: SparkSession, path: str):
@@ -66,26 +67,13 @@ def publish(spark: SparkSession, staged: str, final: str, trash: str) -> None:
     fs.delete(trash_path, True)
 
 
-@dataclass(frozen=True)
-class PartitionPaths:
-    """Where one published partition ``dt=P`` of a feature table lives."""
-
-    table: str
-    quarantine: str
-    stats: str
-
-
 def publish_partition(spark: SparkSession, run: str, out: str, partition: str) -> PartitionPaths:
     """Publish a run's staged ``quarantine``, ``stats.json`` and ``table`` as ``dt=partition``.
 
     The run folder must hold the three, complete. The table goes last: a ``dt=P`` folder only
     appears once its stats and quarantine exist. The run folder is removed afterwards.
     """
-    paths = PartitionPaths(
-        table=f"{out}/dt={partition}",
-        quarantine=f"{out}/_quarantine/dt={partition}",
-        stats=f"{out}/_stats/dt={partition}.json",
-    )
+    paths = partition_paths(out, partition)
     publish(spark, f"{run}/quarantine", paths.quarantine, f"{run}/old-quarantine")
     publish(spark, f"{run}/stats.json", paths.stats, f"{run}/old-stats.json")
     publish(spark, f"{run}/table", paths.table, f"{run}/old-table")

@@ -1,15 +1,12 @@
 """One day of the feature job, end to end: read → transforms → checks → atomic write.
 
 :func:`build_day` is what ``jobs/build_features.py`` calls for each day; it holds the
-order of the steps and the I/O, while the rules live in :mod:`features.transforms`.
+order of the steps and the reads, while the rules live in :mod:`features.transforms` and the
+staging, accounting check and publishing in :func:`features.publish.stage_and_publish`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from pyspark import StorageLevel
@@ -18,32 +15,14 @@ from pyspark.sql import functions as F
 
 from contract.fields import FieldsConfig
 from contract.schema import IMPRESSION_ID
-from features import io, stats, transforms
+from features import io, publish, stats, transforms
 from features.config import FeaturesConfig
+from features.publish import InputError, PublishedPartition
 from features.raw import count_lines, read_log, record_text
 
-__all__ = ["AccountingError", "DayResult", "InputError", "build_day"]
+__all__ = ["build_day"]
 
 LOGS = ("impressions", "clicks", "conversions")
-
-
-class InputError(Exception):
-    """The raw inputs of a day are missing or empty (a user error: exit code 2)."""
-
-
-class AccountingError(Exception):
-    """Input records are not all accounted for: the day is not published."""
-
-
-@dataclass(frozen=True)
-class DayResult:
-    """What one day's build wrote."""
-
-    day: str
-    table_path: str
-    quarantine_path: str
-    stats_path: str
-    stats: dict[str, Any]
 
 
 def _existing(spark: SparkSession, raw: str, log: str, days: list[str]) -> dict[str, str]:
@@ -53,13 +32,14 @@ def _existing(spark: SparkSession, raw: str, log: str, days: list[str]) -> dict[
 
 def build_day(
     spark: SparkSession, raw: str, out: str, day: str, config: FeaturesConfig, fields: FieldsConfig
-) -> DayResult:
+) -> PublishedPartition:
     """Build, check and publish the feature table of ``day``.
 
     Raises:
         InputError: no impressions folder, an empty one, or a missing profile snapshot.
-        AccountingError: input != output + quarantined + deduplicated for some log (nothing
-            is published then).
+        AccountingError: input != output + quarantined + deduplicated for some log, or
+            another rule of :func:`features.stats.conservation_problems` fails (nothing is
+            published then).
     """
     raw, out = raw.rstrip("/"), out.rstrip("/")
     window = config.attribution
@@ -120,7 +100,7 @@ def build_day(
     # line count bounds them), and at least min_row_groups. The counts of the impressions and
     # the table's stats are observed while it is written (after the shuffle, so each task's
     # values count once), not computed by more passes.
-    files = max(config.output.min_row_groups, math.ceil(lines / config.output.rows_per_row_group))
+    files = publish.file_count(lines, config.output)
     impression_seen = Observation("impressions")
     ranked = transforms.rank_impressions(for_table, files).observe(
         impression_seen, *stats.impression_metrics()
@@ -138,47 +118,35 @@ def build_day(
         table_seen, *stats.table_metrics(fields)
     )
 
-    # Nothing is published before the accounting check passes: the table goes to the run's
-    # staging folder first, in the layout rank_impressions gave it.
-    run = f"{out}/_tmp/{day}-{uuid.uuid4().hex[:8]}"
-    (
-        table.write.option("maxRecordsPerFile", config.output.rows_per_row_group)
-        .option("parquet.block.size", config.output.parquet_block_size_bytes)
-        .mode("overwrite")
-        .parquet(f"{run}/table")
-    )
+    # The stats are read after the write (observed during it): stage_and_publish calls
+    # day_stats then, and publishes nothing unless they pass the accounting check.
+    def day_stats() -> dict[str, Any]:
+        return {
+            "dt": day,
+            "logs": {
+                "impressions": stats.impression_counts(impression_seen.get, lines, blank_lines),
+                "clicks": stats.event_log_counts(clicks),
+                "conversions": stats.event_log_counts(conversions),
+            },
+            "table": stats.table_stats(table_seen.get, fields),
+            "folders_read": {
+                "impressions": [day, *sorted(lookback_folders)],
+                "clicks": sorted(click_folders),
+                "conversions": sorted(conversion_folders),
+            },
+            "attribution": window.model_dump(),
+        }
 
-    day_stats: dict[str, Any] = {
-        "dt": day,
-        "logs": {
-            "impressions": stats.impression_counts(impression_seen.get, lines, blank_lines),
-            "clicks": stats.event_log_counts(clicks),
-            "conversions": stats.event_log_counts(conversions),
-        },
-        "table": stats.table_stats(table_seen.get, fields),
-        "folders_read": {
-            "impressions": [day, *sorted(lookback_folders)],
-            "clicks": sorted(click_folders),
-            "conversions": sorted(conversion_folders),
-        },
-        "attribution": window.model_dump(),
-    }
-    problems = stats.conservation_problems(day_stats)
-    if problems:
-        io.delete(spark, run)
-        raise AccountingError(f"{day}: " + "; ".join(problems))
-    _quarantine(quarantined_impressions, clicks, conversions).write.mode("overwrite").partitionBy(
-        "log"
-    ).parquet(f"{run}/quarantine")
-    io.write_text(spark, f"{run}/stats.json", json.dumps(day_stats, indent=2, sort_keys=True))
-
-    paths = io.publish_partition(spark, run, out, day)
-    result = DayResult(
-        day=day,
-        table_path=paths.table,
-        quarantine_path=paths.quarantine,
-        stats_path=paths.stats,
-        stats=day_stats,
+    result = publish.stage_and_publish(
+        spark,
+        out,
+        day,
+        table,
+        _quarantine(quarantined_impressions, clicks, conversions),
+        day_stats,
+        fields,
+        config.output,
+        table_outputs=stats.DAILY_TABLE_OUTPUTS,
     )
     for frame in (narrow, click_lines, clicks, conversions):
         frame.unpersist()

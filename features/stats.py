@@ -1,14 +1,17 @@
-"""Per-day accounting of the feature job: counts per log, label rates, null rates, checks.
+"""Accounting of the feature jobs: counts per log, label rates, null rates, checks.
 
-The stats file ``<out>/_stats/dt=D.json`` holds, per log, ``input`` (records this build
-owns), ``output``, ``quarantined`` (total and ``quarantined_by`` reason), ``deduplicated``
-(total and ``deduplicated_by`` reason), plus the table's label rates and the share of id 0
-per field. :func:`conservation_problems` is the check the job fails on.
+The stats file ``<out>/_stats/dt=P.json`` of a partition holds, per log (or raw file),
+``input`` (records the build owns), ``output``, ``quarantined`` (total and ``quarantined_by``
+reason), ``deduplicated`` (total and ``deduplicated_by`` reason), ``unclassified``, plus the
+table's label rates and the share of id 0 per field. :func:`conservation_problems` is the
+check both jobs fail on (through :func:`features.publish.stage_and_publish`); which log's
+output the table's counts must equal is its ``table_outputs`` argument.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from pyspark.sql import Column, DataFrame
@@ -25,18 +28,28 @@ from features.transforms import (
 )
 
 __all__ = [
+    "DAILY_TABLE_OUTPUTS",
     "conservation_problems",
     "event_log_counts",
     "impression_counts",
     "impression_metrics",
+    "log_counts",
     "table_metrics",
     "table_stats",
 ]
 
 
-def _counts(
+# The daily table: one row per output impression, one clicked row per output click, one
+# converted row per output conversion (log → the table's count that its output must equal).
+DAILY_TABLE_OUTPUTS = {"impressions": "rows", "clicks": "clicks", "conversions": "conversions"}
+
+
+def log_counts(
     input_rows: int, by_status_reason: list[tuple[str | None, str | None, int]]
 ) -> dict[str, Any]:
+    """One log's counts from ``input_rows`` and ``(status, reason, records)`` triples: the
+    ``output``, ``quarantined`` / ``quarantined_by``, ``deduplicated`` / ``deduplicated_by``
+    totals, and ``unclassified`` (records of no known status)."""
     quarantined: Counter[str] = Counter()
     deduplicated: Counter[str] = Counter()
     output = unclassified = 0
@@ -69,7 +82,7 @@ def event_log_counts(records: DataFrame) -> dict[str, Any]:
     rows = records.groupBy("owned", "status", "reason").count().collect()
     input_rows = sum(r["count"] for r in rows if r["owned"])
     by_status = [(r["status"], r["reason"], r["count"]) for r in rows if r["owned"]]
-    counts = _counts(input_rows, by_status)
+    counts = log_counts(input_rows, by_status)
     counts["read_not_owned"] = sum(r["count"] for r in rows if not r["owned"])
     return counts
 
@@ -112,7 +125,7 @@ def impression_counts(metrics: dict[str, Any], lines: int, blank_lines: int = 0)
         for reason in IMPRESSION_QUARANTINE_REASONS
         if metrics[reason]
     ]
-    counts = _counts(lines, by_status)
+    counts = log_counts(lines, by_status)
     counts["records"] = metrics["records"]
     counts["unclassified"] = metrics["records"] - sum(n for _, _, n in by_status)
     return counts
@@ -154,31 +167,32 @@ def table_stats(row: dict[str, Any], fields: FieldsConfig) -> dict[str, Any]:
     }
 
 
-def conservation_problems(stats: dict[str, Any]) -> list[str]:
-    """Every violated accounting rule of a day's stats, as messages (empty when all hold).
+def conservation_problems(
+    stats: dict[str, Any], table_outputs: Mapping[str, str] = DAILY_TABLE_OUTPUTS
+) -> list[str]:
+    """Every violated accounting rule of a partition's stats, as messages (empty when all hold).
 
-    Rules: per log, input = output + quarantined + deduplicated and nothing unclassified; the
-    table has one row per impression output; one click output per clicked row and one
-    conversion output per converted row; no conversion without a click.
+    Rules: per log, input = output + quarantined + deduplicated and nothing unclassified; for
+    each ``log: count`` of ``table_outputs``, the log's output equals that count of the table
+    (the daily job, :data:`DAILY_TABLE_OUTPUTS`: one row per output impression, one click
+    output per clicked row, one conversion output per converted row; the Ali-CCP ingest: one
+    row per skeleton output); no conversion without a click.
     """
     problems = []
     for log, counts in stats["logs"].items():
         accounted = counts["output"] + counts["quarantined"] + counts["deduplicated"]
-        if counts["input"] != accounted or counts["unclassified"]:
+        unclassified = counts.get("unclassified", 0)
+        if counts["input"] != accounted or unclassified:
             problems.append(
                 f"{log}: input {counts['input']} != output {counts['output']} + quarantined "
                 f"{counts['quarantined']} + deduplicated {counts['deduplicated']} "
-                f"({counts['unclassified']} unclassified)"
+                f"({unclassified} unclassified)"
             )
     table = stats["table"]
-    expected = {
-        "impressions": table["rows"],
-        "clicks": table["clicks"],
-        "conversions": table["conversions"],
-    }
-    for log, rows in expected.items():
-        if stats["logs"][log]["output"] != rows:
-            problems.append(f"{log}: output {stats['logs'][log]['output']} != {rows} in the table")
+    for log, count in table_outputs.items():
+        output, rows = stats["logs"][log]["output"], table[count]
+        if output != rows:
+            problems.append(f"{log}: output {output} != {rows} in the table")
     if table["conversion_without_click"]:
         problems.append(
             f"{table['conversion_without_click']} rows have a conversion without a click"

@@ -54,6 +54,7 @@ __all__ = [
     "hash_profile",
     "impression_lookup",
     "label_impressions",
+    "missing_ids",
     "narrow_impressions",
     "rank_impressions",
 ]
@@ -64,10 +65,16 @@ DEDUPLICATED = "deduplicated"
 
 
 class Reason:
-    """Reason codes of quarantined and deduplicated records (the ``reason`` column)."""
+    """Reason codes of quarantined and deduplicated records (the ``reason`` column and the
+    ``quarantined_by`` / ``deduplicated_by`` keys of the stats), for both feature jobs: the
+    daily build (:mod:`features.pipeline`, docs/DATA.md) and the Ali-CCP ingest
+    (:mod:`features.aliccp`, docs/ALICCP.md, whose table lists each code's meaning).
+    """
 
+    # Both jobs.
+    MISSING_KEY = "missing_key"  # a key is missing (Ali-CCP: empty sample / common index)
+    # The daily build (JSON-lines logs).
     MALFORMED = "malformed_line"
-    MISSING_KEY = "missing_key"
     DUPLICATE_EVENT = "duplicate_event_id"
     UNKNOWN_IMPRESSION = "unknown_impression"
     CLICK_BEFORE_IMPRESSION = "click_before_impression"
@@ -77,6 +84,14 @@ class Reason:
     CLICK_NOT_ATTRIBUTED = "click_not_attributed"
     CONVERSION_BEFORE_CLICK = "conversion_before_click"
     REPEAT_CONVERSION = "repeat_conversion_on_impression"
+    # The Ali-CCP ingest only (CSV lines with feature lists).
+    BAD_COLUMN_COUNT = "bad_column_count"  # not 6 (skeleton) / 3 (common) columns
+    BAD_LABEL = "bad_label"  # click or buy not 0/1
+    BUY_WITHOUT_CLICK = "buy_without_click"
+    BAD_FEATURE_NUM = "bad_feature_num"  # not an integer, or != the number of features
+    BAD_FEATURE_ENTRY = "bad_feature_entry"  # an entry not field\x02id\x03value
+    UNKNOWN_COMMON_FEATURE = "unknown_common_feature"
+    DUPLICATE_COMMON_FEATURE = "duplicate_common_feature_index"  # deduplicated, not quarantined
 
 
 def _day_offset(day_col: str | Column, days: int) -> Column:
@@ -444,6 +459,13 @@ def hash_bag(values: Column, field: str, num_buckets: int, max_len: int) -> Colu
     return F.concat(ids, padding)
 
 
+def missing_ids(spec: FieldSpec) -> Column:
+    """The value of a field with no raw value: id 0, or a bag of ``max_len`` zeros."""
+    if spec.kind == "multi":
+        return F.array_repeat(F.lit(0).cast("long"), spec.max_len or 1)
+    return F.lit(0).cast("long")
+
+
 def _encode(spec: FieldSpec, value: Column) -> Column:
     if spec.kind == "multi":
         return hash_bag(value, spec.name, spec.num_buckets, spec.max_len or 1)
@@ -504,13 +526,7 @@ def encode_features(
     )
     for log, (hashed, _) in profiles.items():
         table = table.join(hashed, F.col(f"_join_{log}") == F.col(f"_key_{log}"), "left")
-    columns = []
-    for spec in fields.fields:
-        if spec.kind == "multi":
-            zeros = F.array_repeat(F.lit(0).cast("long"), spec.max_len or 1)
-            columns.append(F.coalesce(F.col(spec.name), zeros).alias(spec.name))
-        else:
-            columns.append(F.coalesce(F.col(spec.name), F.lit(0).cast("long")).alias(spec.name))
+    columns = [F.coalesce(F.col(s.name), missing_ids(s)).alias(s.name) for s in fields.fields]
     return table.select(IMPRESSION_ID, CLICK, CONVERSION, *columns)
 
 

@@ -35,7 +35,7 @@ from features.config import FeaturesConfig  # noqa: E402
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from features.pipeline import DayResult
+    from features.publish import PublishedPartition
 
 PROG = "build_features.py"
 
@@ -118,8 +118,8 @@ def run(
     spark: SparkSession,
     args: argparse.Namespace,
     plan: Plan | None = None,
-    on_day: Callable[[DayResult, float], None] | None = None,
-) -> list[DayResult]:
+    on_day: Callable[[PublishedPartition, float], None] | None = None,
+) -> list[PublishedPartition]:
     """Build, check and publish every day of ``args`` with ``spark``, in order.
 
     ``plan`` is :func:`check_args`' result when the caller has it already;
@@ -131,7 +131,8 @@ def run(
         AccountingError: a day does not account for every input record; that day and the
             days after it are not published (the days before it are).
     """
-    from features.pipeline import InputError, build_day
+    from features.pipeline import build_day
+    from features.publish import InputError
 
     plan = plan or check_args(args)
     previous = spark.conf.get("spark.sql.shuffle.partitions")
@@ -152,7 +153,7 @@ def run(
     return results
 
 
-def summary_line(result: DayResult, seconds: float) -> str:
+def summary_line(result: PublishedPartition, seconds: float) -> str:
     """One line per built day: rows, label rates, counts per log and where it went."""
     logs, table = result.stats["logs"], result.stats["table"]
     counts = ", ".join(
@@ -161,7 +162,7 @@ def summary_line(result: DayResult, seconds: float) -> str:
         for log, c in logs.items()
     )
     return (
-        f"{PROG}: {result.day}: {table['rows']} rows (CTR {table['ctr']:.4f}, "
+        f"{PROG}: {result.partition}: {table['rows']} rows (CTR {table['ctr']:.4f}, "
         f"CVR {table['cvr']:.4f}, CTCVR {table['ctcvr']:.5f}) → {result.table_path}; {counts}; "
         f"quarantine {result.quarantine_path}; stats {result.stats_path}; {seconds:.1f}s"
     )
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         die(PROG, str(exc))
 
-    from features.pipeline import AccountingError
+    from features.publish import AccountingError
     from features.spark import get_spark
 
     spark = get_spark(

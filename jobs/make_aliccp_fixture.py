@@ -4,7 +4,8 @@
 
 Exactly the raw format (``\\x01`` / ``\\x02`` / ``\\x03`` separators), with multi-valued
 fields, a hot common-feature key and one line of dirt per quarantine reason; see
-:func:`features.aliccp.write_fixture`. Deterministic for a given seed.
+:func:`tests.aliccp_fixture.write_fixture` (standard library only: no Spark needed).
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from features.aliccp import write_fixture  # noqa: E402
 from features.cli import die  # noqa: E402
+from tests.aliccp_fixture import write_fixture  # noqa: E402
 
 PROG = "make_aliccp_fixture.py"
 

@@ -1,0 +1,1 @@
+"""The command-line entry points (jobs/<job>.py), a package so tests can run them in-process."""
