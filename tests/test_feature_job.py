@@ -10,21 +10,20 @@ and one bad-argument run goes through the real ``spark-submit``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
+from contract import commands
 from contract.config import load_config
 from contract.fields import FieldsConfig, FieldSpec
 from features import stats, transforms
 from features.config import AttributionConfig, FeaturesConfig
 from features.raw import count_lines, read_log
 from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
+from tests.helpers import VENV_BIN, run_command
 
 # One shuffle partition and no code generation for the whole module (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("small_data_spark")
@@ -485,26 +484,6 @@ def test_horizon_covers_both_windows_and_late_arrivals():
 # --- integration -------------------------------------------------------------------------
 
 
-def _spark_submit(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    return subprocess.run(
-        [
-            str(spark_submit),
-            "--master",
-            "local[2]",
-            "--conf",
-            "spark.sql.shuffle.partitions=4",
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.fixture(scope="module")
 def two_built_days(raw_logs, built_features):
     """Two simulated tiny days (dirt at non-zero rates) built by the job's ``run`` on the
@@ -652,15 +631,8 @@ def test_blank_lines_in_a_day_are_quarantined_with_their_text(two_built_days, sp
 
 @pytest.mark.integration
 def test_bad_date_exits_2_with_one_line(tmp_path):
-    result = _spark_submit(
-        "jobs/build_features.py",
-        "--raw",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "o"),
-        "--date",
-        "2024-13-01",
-    )
+    args = ["--raw", str(tmp_path), "--out", str(tmp_path / "o"), "--date", "2024-13-01"]
+    result = run_command(commands.spark_job(VENV_BIN, "build_features", args))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from contract import schema
+from contract import commands, schema
 from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
 from tests.helpers import VENV_BIN, run_command
 
@@ -29,26 +27,14 @@ def scoring_setup(tmp_path_factory):
     return root, uri, version
 
 
-def score_command(root, model: str, features=None) -> list[str]:
-    return [
-        sys.executable,
-        "jobs/score.py",
-        "--features",
-        str(features or root / "features"),
-        "--date",
-        DAY,
-        "--model",
-        model,
-        "--out",
-        str(root / "predictions"),
-    ]
+def score_args(root, model: str, features=None) -> list[str]:
+    return commands.score_args(features or root / "features", DAY, model, root / "predictions")
 
 
 @pytest.mark.integration
 def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(scoring_setup):
     root, uri, version = scoring_setup
-    command = score_command(root, "models:/scorer@champion")
-    command[:2] = [str(VENV_BIN / "spark-submit"), "--master", "local[2]", "jobs/score.py"]
+    command = commands.spark_job(VENV_BIN, "score", score_args(root, "models:/scorer@champion"))
     result = run_command(command, env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"scored with models:/scorer/{version}" in result.stdout
@@ -70,7 +56,7 @@ def _main_exit(capsys, root, uri, model: str, features=None) -> tuple[int, str, 
     """``jobs/score.py``'s ``main`` in-process: these errors come before Spark starts."""
     from jobs import score
 
-    argv = [*score_command(root, model, features)[2:], "--tracking-uri", uri]
+    argv = [*score_args(root, model, features), "--tracking-uri", uri]
     with pytest.raises(SystemExit) as exited:
         score.main(argv)
     captured = capsys.readouterr()
