@@ -5,7 +5,7 @@
 Both sides use the trainer's own build_model / build_optimizers / train_step, so the only
 difference is where batches come from:
   compute only: the same batches (the loop's, same rows and order) pre-loaded as tensors;
-  trainer loop: esmm.data.train_batches → esmm.train.LockStep → train_step in this process,
+  trainer loop: esmm.data.train_batches → esmm.steps.LockStep → train_step in this process,
                 timed after the same warm-up steps as the ceiling (steady state); the whole
                 epoch, with the reader's start and the warm-up, is shown apart;
   real trainer: `python -m esmm.train` (1 process) and `horovodrun -np N` on the same table,
@@ -34,7 +34,8 @@ from bench.common import PROJECT_ROOT, make_table, print_table, shipped_fields
 from contract.fields import FieldsConfig
 from esmm.data import DataConfig, partition_urls, train_batches
 from esmm.model import build_model
-from esmm.train import TrainConfig, build_optimizers, train_step
+from esmm.steps import build_optimizers, train_step
+from esmm.train import TrainConfig
 
 VENV_BIN = Path(sys.executable).parent
 # Steps left out of both timings: the first ones allocate the optimizer's state (zeroed
@@ -160,7 +161,7 @@ def pipeline_samples_per_s(
     the rate over the whole epoch, start and warm-up included, to
     ``timings["with_start_samples_per_s"]``.
     """
-    from esmm.train import LockStep
+    from esmm.steps import LockStep
 
     hvd = _SingleProcess()
     cfg = TrainConfig(data=DataConfig(batch_size=batch_size, reader_workers=reader_workers))

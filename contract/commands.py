@@ -176,6 +176,7 @@ def train_args(
     train_dates: str,
     eval_date: str,
     fields: str | Path | None = None,
+    valid_date: str | None = None,
     oracle: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     run_name: str | None = None,
@@ -183,12 +184,14 @@ def train_args(
     no_progress: bool = False,
     sets: Sequence[str] = (),
 ) -> list[str]:
-    """The options of ``python -m esmm.train``."""
+    """The options of ``python -m esmm.train`` (``valid_date``: the day that chooses the
+    epoch; ``eval_date`` is then the test day)."""
     options = _options(
         config=config,
         fields=fields,
         features=features,
         train_dates=train_dates,
+        valid_date=valid_date,
         eval_date=eval_date,
         oracle=oracle,
         checkpoint_dir=checkpoint_dir,

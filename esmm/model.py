@@ -5,11 +5,14 @@ Small modules, composed per variant by :func:`build_model`:
 - :class:`FieldEmbedding`: one table for one field (``nn.Embedding`` for a single id,
   ``nn.EmbeddingBag(mode="sum", padding_idx=0)`` for a bag of ids);
 - :class:`EmbeddingCollection`: one :class:`FieldEmbedding` per field, concatenated;
-- :class:`MLP`: a stack of Linear+ReLU layers;
+- :class:`MLP`: a stack of Linear+ReLU layers (each followed by Dropout when configured);
 - :class:`Tower`: an :class:`MLP` and a 1-logit output layer (the paper's 360×200×80×2 with
   the 2-way softmax written as one logit);
 - :class:`ESMMModel`: a CTR tower and a second tower (CVR, or CTCVR for ``division``) over one
-  shared or two separate embedding collections, plus for ``escm2_dr`` an imputation tower.
+  shared or two separate embedding collections, plus for ``escm2_dr`` an imputation tower;
+- :class:`~esmm.admission.IdAdmission` (in :mod:`esmm.admission`): optional per-field remap
+  tables (buffers) that send ids seen fewer than ``min_id_count`` times in training to one
+  out-of-vocabulary row per field.
 
 Ma et al., "Entire Space Multi-Task Model", SIGIR 2018 (arXiv 1804.07931), Section 2.3:
 pCTCVR = pCTR × pCVR, the two towers share the embedding layer. The network knows nothing of
@@ -30,12 +33,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from contract.config import StrictModel
 from contract.fields import FieldsConfig, FieldSpec
 from contract.schema import PADDING_ID
+from esmm.admission import IdAdmission
 
 __all__ = [
     "ESCM2_VARIANTS",
@@ -90,12 +94,26 @@ class ModelConfig(StrictModel):
             does not get a dense gradient for every row each step; pair
             :meth:`ESMMModel.sparse_parameters` with ``torch.optim.SparseAdam`` and
             :meth:`ESMMModel.dense_parameters` with ``torch.optim.Adam``.
+        tower_dropout: probability p of ``nn.Dropout(p)`` after each hidden layer's ReLU in
+            every tower (identity in ``model.eval()``); 0 builds no Dropout module at all.
+        min_id_count: id admission: an id seen fewer times than this in the training
+            partitions is looked up as its field's out-of-vocabulary row (one extra row per
+            table, index ``num_buckets``). 0 or 1 is off: no remap buffer, no extra row.
+            The trainer counts the ids (:mod:`esmm.admission`) and installs the remap tables
+            with :meth:`ESMMModel.set_admission`.
     """
 
     variant: Variant = "esmm"
     embedding_dim: PositiveInt = 18
     hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [200, 80])
     sparse_embeddings: bool = True
+    tower_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    min_id_count: NonNegativeInt = 0
+
+    @property
+    def id_admission(self) -> bool:
+        """Whether id admission is on (``min_id_count > 1``)."""
+        return self.min_id_count > 1
 
 
 class FieldEmbedding(nn.Module):
@@ -111,6 +129,8 @@ class FieldEmbedding(nn.Module):
         spec: the field (its ``kind`` and ``num_buckets`` size the table).
         embedding_dim: size of one embedding.
         sparse: produce a sparse gradient (only the looked-up rows).
+        oov_row: add one row at index ``num_buckets``, the out-of-vocabulary row of id
+            admission (:class:`IdAdmission`), initialised and learned like any other.
 
     Call args:
         ids: LongTensor ``[B]`` (single) or ``[B, max_len]`` (multi, 0-padded).
@@ -126,16 +146,20 @@ class FieldEmbedding(nn.Module):
         torch.Size([1, 4])
     """
 
-    def __init__(self, spec: FieldSpec, embedding_dim: int, sparse: bool = False) -> None:
+    def __init__(
+        self, spec: FieldSpec, embedding_dim: int, sparse: bool = False, oov_row: bool = False
+    ) -> None:
         super().__init__()
         self.name = spec.name
+        self.multi = spec.kind == "multi"
+        rows = spec.num_buckets + (1 if oov_row else 0)
         self.table: nn.Embedding | nn.EmbeddingBag
         if spec.kind == "multi":
             self.table = nn.EmbeddingBag(
-                spec.num_buckets, embedding_dim, mode="sum", padding_idx=PADDING_ID, sparse=sparse
+                rows, embedding_dim, mode="sum", padding_idx=PADDING_ID, sparse=sparse
             )
         else:
-            self.table = nn.Embedding(spec.num_buckets, embedding_dim, sparse=sparse)
+            self.table = nn.Embedding(rows, embedding_dim, sparse=sparse)
         nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
         if spec.kind == "multi":
             with torch.no_grad():
@@ -143,6 +167,34 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.table(ids)
+
+    def touched_l2(self, ids: Tensor) -> Tensor:
+        """Σ ||E[i]||² over the distinct ids ``i`` in ``ids`` (a multi field's padding id 0
+        excluded: it is the zero padding row, not a learned one).
+
+        The rows are looked up with ``F.embedding(..., sparse=table.sparse)``, so with sparse
+        tables the gradient is sparse and non-zero on the touched rows only.
+
+        Args:
+            ids: LongTensor ``[B]`` or ``[B, max_len]`` (already remapped by admission).
+
+        Returns:
+            Scalar Tensor.
+
+        Example:
+            >>> from contract.fields import FieldSpec
+            >>> spec = FieldSpec(name="u", kind="single", source="users.u", num_buckets=5)
+            >>> emb = FieldEmbedding(spec, embedding_dim=2)
+            >>> with torch.no_grad():
+            ...     _ = emb.table.weight.copy_(torch.arange(10.0).view(5, 2))
+            >>> emb.touched_l2(torch.tensor([1, 1, 3]))  # (4 + 9) + (36 + 49)
+            tensor(98., grad_fn=<SumBackward0>)
+        """
+        unique = torch.unique(ids)
+        if self.multi:
+            unique = unique[unique != PADDING_ID]
+        rows = F.embedding(unique, self.table.weight, sparse=self.table.sparse)
+        return rows.pow(2).sum()
 
 
 class EmbeddingCollection(nn.Module):
@@ -152,6 +204,7 @@ class EmbeddingCollection(nn.Module):
         fields: the field list (``conf/fields.yaml``).
         embedding_dim: size of every field's embedding.
         sparse: tables produce sparse gradients (see :class:`ModelConfig`).
+        oov_rows: every table gets the out-of-vocabulary row of id admission.
 
     Call args:
         batch: mapping from each field name to its ids, ``[B]`` or ``[B, max_len]``; other
@@ -171,15 +224,29 @@ class EmbeddingCollection(nn.Module):
         torch.Size([2, 6])
     """
 
-    def __init__(self, fields: FieldsConfig, embedding_dim: int, sparse: bool = False) -> None:
+    def __init__(
+        self,
+        fields: FieldsConfig,
+        embedding_dim: int,
+        sparse: bool = False,
+        oov_rows: bool = False,
+    ) -> None:
         super().__init__()
         self.embeddings = nn.ModuleDict(
-            {spec.name: FieldEmbedding(spec, embedding_dim, sparse) for spec in fields.fields}
+            {
+                spec.name: FieldEmbedding(spec, embedding_dim, sparse, oov_row=oov_rows)
+                for spec in fields.fields
+            }
         )
         self.output_dim = len(fields.fields) * embedding_dim
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         return torch.cat([emb(batch[name]) for name, emb in self.embeddings.items()], dim=1)
+
+    def touched_l2(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Σ over fields of :meth:`FieldEmbedding.touched_l2` (a scalar Tensor)."""
+        terms = [emb.touched_l2(batch[name]) for name, emb in self.embeddings.items()]
+        return torch.stack(terms).sum()
 
 
 class MLP(nn.Module):
@@ -188,6 +255,7 @@ class MLP(nn.Module):
     Args:
         in_features: input size.
         layer_sizes: output size of each Linear+ReLU layer.
+        dropout: p of an ``nn.Dropout`` after each ReLU; 0 adds no module.
 
     Call args:
         x: Tensor ``[B, in_features]``.
@@ -198,13 +266,21 @@ class MLP(nn.Module):
     Example:
         >>> MLP(360, [200, 80])(torch.randn(4, 360)).shape
         torch.Size([4, 80])
+        >>> MLP(8, [4], dropout=0.5).layers
+        Sequential(
+          (0): Linear(in_features=8, out_features=4, bias=True)
+          (1): ReLU()
+          (2): Dropout(p=0.5, inplace=False)
+        )
     """
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int]) -> None:
+    def __init__(self, in_features: int, layer_sizes: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for size in layer_sizes:
             layers += [nn.Linear(in_features, size), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             in_features = size
         self.layers = nn.Sequential(*layers)
         self.output_dim = in_features
@@ -222,6 +298,7 @@ class Tower(nn.Module):
     Args:
         in_features: input size (the embedding collection's ``output_dim``).
         hidden_dims: hidden layer sizes.
+        dropout: p of the Dropout after each hidden layer (see :class:`MLP`).
 
     Call args:
         x: Tensor ``[B, in_features]``.
@@ -234,9 +311,9 @@ class Tower(nn.Module):
         torch.Size([4])
     """
 
-    def __init__(self, in_features: int, hidden_dims: Sequence[int]) -> None:
+    def __init__(self, in_features: int, hidden_dims: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()
-        self.mlp = MLP(in_features, hidden_dims)
+        self.mlp = MLP(in_features, hidden_dims, dropout)
         self.logit = nn.Linear(self.mlp.output_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -273,6 +350,8 @@ class ESMMModel(nn.Module):
             ``ctr_embedding`` (ESMM), which also looks each id up only once per batch.
         imputation_tower: ``escm2_dr`` only: predicts the CVR tower's per-impression error
             from the second tower's input (the shared embeddings).
+        admission: id admission (:class:`IdAdmission`), applied to the ids before every
+            lookup; ``None`` (the default) leaves the ids as they are.
 
     Call args:
         batch: mapping field name → ids (``[B]`` or ``[B, max_len]``); labels are ignored.
@@ -305,6 +384,7 @@ class ESMMModel(nn.Module):
         second_tower: Tower,
         second_embedding: EmbeddingCollection | None = None,
         imputation_tower: Tower | None = None,
+        admission: IdAdmission | None = None,
     ) -> None:
         super().__init__()
         self.variant = variant
@@ -313,8 +393,11 @@ class ESMMModel(nn.Module):
         self.second_embedding = second_embedding
         self.second_tower = second_tower
         self.imputation_tower = imputation_tower
+        self.admission = admission
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.admission is not None:
+            batch = self.admission(batch)
         ctr_input = self.ctr_embedding(batch)
         second_input = ctr_input if self.second_embedding is None else self.second_embedding(batch)
         ctr_logit = self.ctr_tower(ctr_input)
@@ -339,6 +422,48 @@ class ESMMModel(nn.Module):
         if self.imputation_tower is not None:
             outputs["imputed_cvr_error"] = self.imputation_tower(second_input)
         return outputs
+
+    def embedding_l2(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The touched-row ("lazy") L2 penalty of a batch, before its coefficient.
+
+        ``Σ_tables Σ_fields Σ_{distinct ids of the batch} ||E[id]||² / B``: only the rows the
+        batch looks up (after admission) are penalised, each once however often it occurs;
+        rows not in the batch are not decayed. A multi field's padding row 0 is not counted.
+        Both embedding collections count when the towers do not share one. With sparse
+        tables the gradient stays sparse (:meth:`FieldEmbedding.touched_l2`).
+
+        Args:
+            batch: mapping field name → ids, as for :meth:`forward`.
+
+        Returns:
+            Scalar Tensor.
+
+        Example:
+            >>> from contract.fields import FieldSpec, FieldsConfig
+            >>> fields = FieldsConfig(fields=[
+            ...     FieldSpec(name="user", kind="single", source="users.id", num_buckets=5)])
+            >>> model = build_model(fields, ModelConfig(embedding_dim=4, hidden_dims=[8]))
+            >>> model.embedding_l2({"user": torch.tensor([1, 1, 2])}).shape
+            torch.Size([])
+        """
+        if self.admission is not None:
+            batch = self.admission(batch)
+        total = self.ctr_embedding.touched_l2(batch)
+        if self.second_embedding is not None:
+            total = total + self.second_embedding.touched_l2(batch)
+        batch_size = batch[next(iter(self.ctr_embedding.embeddings))].shape[0]
+        return total / batch_size
+
+    def set_admission(self, tables: Mapping[str, Tensor]) -> None:
+        """Install id admission's remap tables (:func:`esmm.admission.admission_tables`).
+
+        Raises:
+            ValueError: the model was built without admission (``min_id_count`` ≤ 1), or
+                the tables do not fit the field list (:meth:`IdAdmission.set_tables`).
+        """
+        if self.admission is None:
+            raise ValueError("this model was built without id admission (model.min_id_count <= 1)")
+        self.admission.set_tables(tables)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables built with ``sparse=True``: train them with ``SparseAdam``."""
@@ -372,6 +497,11 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
       shared embeddings, whose output ê predicts the CVR tower's error (the doubly robust
       estimator's imputation model).
 
+    Every tower gets ``cfg.tower_dropout``. With ``cfg.min_id_count > 1`` every table gets an
+    out-of-vocabulary row and the model an :class:`IdAdmission` whose tables start as
+    identity maps: install the trained ones with :meth:`ESMMModel.set_admission`, or load
+    them with ``load_state_dict`` (the served model does).
+
     Args:
         fields: the field list; one embedding table per field.
         cfg: the ``model:`` config section.
@@ -389,17 +519,23 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
     """
 
     def embedding() -> EmbeddingCollection:
-        return EmbeddingCollection(fields, cfg.embedding_dim, sparse=cfg.sparse_embeddings)
+        return EmbeddingCollection(
+            fields, cfg.embedding_dim, sparse=cfg.sparse_embeddings, oov_rows=cfg.id_admission
+        )
+
+    def tower() -> Tower:
+        return Tower(in_features, cfg.hidden_dims, dropout=cfg.tower_dropout)
 
     ctr_embedding = embedding()
     second_embedding = None if cfg.variant in SHARED_EMBEDDING_VARIANTS else embedding()
     in_features = ctr_embedding.output_dim
-    imputation_tower = Tower(in_features, cfg.hidden_dims) if cfg.variant == "escm2_dr" else None
+    imputation_tower = tower() if cfg.variant == "escm2_dr" else None
     return ESMMModel(
         variant=cfg.variant,
         ctr_embedding=ctr_embedding,
-        ctr_tower=Tower(in_features, cfg.hidden_dims),
-        second_tower=Tower(in_features, cfg.hidden_dims),
+        ctr_tower=tower(),
+        second_tower=tower(),
         second_embedding=second_embedding,
         imputation_tower=imputation_tower,
+        admission=IdAdmission(fields) if cfg.id_admission else None,
     )

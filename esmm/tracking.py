@@ -245,8 +245,13 @@ class RunTracker:
         features: str,
         train_rows: int,
         resumed_from_epoch: int | None,
+        valid_date: str | None = None,
     ) -> None:
-        """Params (the whole resolved config), data tags and the training partitions' stats."""
+        """Params (the whole resolved config), data tags and the training partitions' stats.
+
+        ``valid_date`` (tag ``valid_date``, when given) is the partition that chose the epoch;
+        per-epoch metrics on it are logged as ``valid_*``, the eval day's once as the rest.
+        """
         import mlflow
 
         if resumed_from_epoch is None:
@@ -265,6 +270,7 @@ class RunTracker:
             {
                 "train_dates": train_dates,
                 "eval_date": eval_date,
+                **({"valid_date": valid_date} if valid_date else {}),
                 "features": features,
                 "code_version": code_version(),
                 "variant": cfg.model.variant,  # type: ignore[attr-defined]
@@ -276,6 +282,12 @@ class RunTracker:
             partition_stats = read_stats(features, partition)
             if partition_stats is not None:
                 mlflow.log_dict(partition_stats, f"train_partition_stats/dt={partition}.json")
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics of the run as a whole (no epoch), e.g. how many ids id admission kept."""
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch metrics, step = epoch number (1-based); NaN metrics are skipped."""

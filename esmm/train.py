@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,41 +26,25 @@ from pydantic import Field
 from contract.config import ConfigError, StrictModel, add_override_argument, load_config
 from contract.dates import DateError, parse_partitions
 from contract.fields import FieldsConfig
+from esmm.admission import admission_summary, admission_tables, allreduce_counts, count_ids
+from esmm.checkpoint import save_checkpoint
 from esmm.data import (
     DataConfig,
     DataError,
     count_rows,
-    eval_batches,
     partition_urls,
     start_input_server,
     train_batches,
 )
-from esmm.losses import LossConfig, compute_loss
+from esmm.evaluation import evaluate, load_oracle
+from esmm.losses import LossConfig
 from esmm.metrics import evaluate_predictions
 from esmm.model import ModelConfig, build_model
-from esmm.model_input import numpy_batch_to_tensors
+from esmm.selection import EpochRule, SelectionConfig, check_metric
+from esmm.steps import LockStep, OptimConfig, TrainingError, build_optimizers, train_step
 from esmm.tracking import TrackingConfig, TrackingError
 
 EXIT_USAGE = 2
-
-
-class OptimConfig(StrictModel):
-    """The ``optim:`` section. Adam with the paper's settings for the dense parameters and
-    SparseAdam (same betas/eps) for sparse embedding tables.
-
-    Attributes:
-        lr: learning rate of one worker.
-        sparse_lr: learning rate of the sparse embedding tables (default: ``lr``).
-        betas, eps: Adam's (paper: 0.9, 0.999, 1e-8).
-        scale_lr_by_workers: multiply the learning rates by the number of Horovod workers
-            (the global batch grows with them; Goyal et al.'s linear scaling rule).
-    """
-
-    lr: float = Field(default=1e-3, gt=0)
-    sparse_lr: float | None = Field(default=None, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
-    scale_lr_by_workers: bool = True
 
 
 class TrainConfig(StrictModel):
@@ -77,11 +60,8 @@ class TrainConfig(StrictModel):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
+    selection: SelectionConfig = SelectionConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN/inf loss); nothing is registered."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-dates", required=True, help="partitions to train on: A..B, A,B,C or A"
     )
-    parser.add_argument("--eval-date", required=True, help="partition(s) to evaluate on")
+    parser.add_argument(
+        "--eval-date",
+        required=True,
+        help="partition(s) to evaluate on: with --valid-date the test day, evaluated once with "
+        "the kept epoch's weights; without, evaluated after every epoch and the last is kept",
+    )
+    parser.add_argument(
+        "--valid-date",
+        help="validation partition(s): evaluated after every epoch to choose the epoch the run "
+        "keeps (config 'selection': metric, patience); must not overlap the train or eval ones",
+    )
     parser.add_argument(
         "--oracle",
         help="simulator oracle table root (raw/oracle) for entire-space CVR AUC; "
@@ -141,20 +131,6 @@ def launcher_rank() -> int:
     return 0
 
 
-def load_oracle(oracle_root: str, partitions: list[str]):
-    """The oracle rows of the evaluation partitions as a pandas frame indexed by impression."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
-    tables = [
-        ds.dataset(url, format="parquet").to_table(
-            columns=["impression_id", "pctr", "pcvr", "conversion_if_clicked"]
-        )
-        for url in partition_urls(oracle_root, partitions)
-    ]
-    return pa.concat_tables(tables).to_pandas().set_index("impression_id")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -174,12 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         eval_parts = parse_partitions(args.eval_date, "--eval-date")
         eval_urls = partition_urls(args.features, eval_parts)
+        valid_parts = parse_partitions(args.valid_date, "--valid-date") if args.valid_date else []
+        check_disjoint(parse_partitions(args.train_dates, "--train-dates"), valid_parts, eval_parts)
+        valid_urls = partition_urls(args.features, valid_parts) if valid_parts else []
         # Reads every file's footer: a damaged file is one error here, not a reader traceback.
         train_rows = count_rows(train_urls)
-        count_rows(eval_urls)
+        count_rows(eval_urls + valid_urls)
         oracle_root = args.oracle or cfg.oracle
-        oracle = load_oracle(oracle_root, eval_parts) if oracle_root else None
-    except (ConfigError, DataError, DateError) as exc:
+        oracle = load_oracle(oracle_root, eval_parts + valid_parts) if oracle_root else None
+        if valid_parts:
+            check_metric(cfg.selection, with_oracle=oracle is not None)
+    except (ConfigError, DataError, DateError, ValueError) as exc:
         return fail(str(exc))
     start_input_server(cfg.data)  # its imports overlap the set-up below
 
@@ -219,10 +200,31 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- model and optimizers -------------------------------------------------------------
     model = build_model(fields, cfg.model).to(device)
+    admission_stats: dict[str, float] = {}
+    if cfg.model.min_id_count > 1:
+        # Every id's count over all ranks' shares of the training partitions; ids seen fewer
+        # than min_id_count times are looked up as their field's OOV row from now on.
+        counts = allreduce_counts(
+            count_ids(train_urls, fields, rank, size, cfg.data.reader_workers), hvd
+        )
+        model.set_admission(admission_tables(counts, cfg.model.min_id_count))
+        for name, (admitted, seen) in admission_summary(counts, cfg.model.min_id_count).items():
+            admission_stats[f"ids_admitted.{name}"] = float(admitted)
+            admission_stats[f"ids_seen.{name}"] = float(seen)
+        del counts
+        if is_chief:
+            kept = sum(v for k, v in admission_stats.items() if k.startswith("ids_admitted."))
+            total = sum(v for k, v in admission_stats.items() if k.startswith("ids_seen."))
+            print(
+                f"id admission (min_id_count={cfg.model.min_id_count}): {kept:.0f} of "
+                f"{total:.0f} ids seen in training keep their own row",
+                file=sys.stderr,
+            )
     optimizers = build_optimizers(model, cfg.optim, hvd)
 
     start_epoch = 0
     state = None
+    best_state = None  # the kept epoch's weights, with --valid-date (every rank holds them)
     if args.resume:
         if is_chief:
             path = checkpoint_dir / "last.pt"
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         for optimizer, opt_state in zip(optimizers, state["optimizers"], strict=True):
             optimizer.load_state_dict(opt_state)
         start_epoch = state["epoch"] + 1
+        if state.get("best_model") is not None:
+            best_state = state["best_model"]
     # Every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     for optimizer in optimizers:
@@ -261,16 +265,27 @@ def main(argv: list[str] | None = None) -> int:
             workers=size,
             train_dates=args.train_dates,
             eval_date=args.eval_date,
+            valid_date=args.valid_date,
             features=args.features,
             train_rows=train_rows,
             resumed_from_epoch=start_epoch if args.resume else None,
         )
+        if admission_stats:
+            tracker.log_metrics(admission_stats)
 
     # ---- the epoch loop -------------------------------------------------------------------
+    # With a validation day, it chooses the epoch the run keeps (esmm/selection.py) and the
+    # eval (test) day is read once, after the loop; without one, the eval day is evaluated
+    # after every epoch and the last epoch is kept.
+    rule = None
+    if valid_urls:
+        rule = EpochRule(cfg.selection, state.get("selection") if state else None)
+    per_epoch_urls, per_epoch_prefix = (valid_urls, "valid_") if rule else (eval_urls, "")
     loss_generator = torch.Generator(device=device)
     metrics: dict[str, float] = {}
     arrays: dict[str, np.ndarray] = {}
     example_batch = None
+    epochs_trained = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -311,29 +326,62 @@ def main(argv: list[str] | None = None) -> int:
                         if steps % 10 == 0:
                             progress.set_postfix(step=steps, loss=f"{running_loss:.4f}")
             elapsed = time.monotonic() - started
+            epochs_trained = epoch + 1
             if progress is not None:
                 progress.close()
 
-            # ---- evaluation over the whole eval set, across all ranks --------------------
-            arrays = evaluate(model, eval_urls, fields, cfg.data, hvd, device, oracle)
+            # ---- evaluation over the whole validation (or eval) set, across all ranks ----
+            arrays = evaluate(model, per_epoch_urls, fields, cfg.data, hvd, device, oracle)
             epoch_train = {
                 "train_loss": float(running_loss) if running_loss is not None else float("nan"),
                 "train_samples_per_s": samples * size / max(elapsed, 1e-9),
                 "train_steps": float(steps),
             }
+            kept, stop = False, False
             if is_chief:
                 metrics = evaluate_predictions(arrays)
-                tracker.log_epoch(epoch, {**epoch_train, **metrics})
+                if rule is not None:
+                    kept, stop = rule.update(epoch, metrics), rule.should_stop
+                named = {per_epoch_prefix + k: v for k, v in metrics.items()}
+                tracker.log_epoch(epoch, {**epoch_train, **named})
+                print(epoch_line(epoch, cfg.epochs, named, per_epoch_prefix, kept), file=sys.stderr)
+            if rule is not None:
+                # Rank 0's decision holds for every rank (they hold the same weights).
+                kept, stop = hvd.broadcast_object((kept, stop), root_rank=0, name="selection")
+                if kept:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if is_chief:
+                extra = {"selection": rule.state(), "best_model": best_state} if rule else {}
+                save_checkpoint(
+                    checkpoint_dir, epoch, model, optimizers, tracker.run_id, cfg, extra
+                )
+            if stop:
+                break
+
+        # ---- the test day, once, with the kept epoch's weights ---------------------------
+        if rule is not None:
+            best_epoch = hvd.broadcast_object(rule.best_epoch, root_rank=0, name="best_epoch")
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            elif is_chief:
                 print(
-                    f"epoch {epoch + 1}/{cfg.epochs}: "
-                    + " ".join(
-                        f"{k}={metrics[k]:.4f}"
-                        for k in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_space_cvr_auc")
-                        if k in metrics
-                    ),
+                    f"esmm.train: warning: no finite validation {cfg.selection.metric}; "
+                    "keeping the last epoch",
                     file=sys.stderr,
                 )
-                save_checkpoint(checkpoint_dir, epoch, model, optimizers, tracker.run_id, cfg)
+            arrays = evaluate(model, eval_urls, fields, cfg.data, hvd, device, oracle)
+            if is_chief:
+                metrics = evaluate_predictions(arrays)
+                kept_epoch = (epochs_trained - 1) if best_epoch is None else best_epoch
+                metrics["kept_epoch"] = float(kept_epoch + 1)
+                metrics["epochs_trained"] = float(epochs_trained)
+                tracker.log_epoch(kept_epoch, metrics)
+                print(
+                    f"kept epoch {kept_epoch + 1} of {epochs_trained} (best validation "
+                    f"{cfg.selection.metric}); test: "
+                    + " ".join(f"{k}={metrics[k]:.4f}" for k in HEADLINE if k in metrics),
+                    file=sys.stderr,
+                )
     except TrainingError as exc:
         if is_chief:
             tracker.finish(status="FAILED")
@@ -358,6 +406,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+HEADLINE = ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_space_cvr_auc")
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], prefix: str, kept: bool) -> str:
+    """One line per epoch on stderr: the headline AUCs (of the validation day when
+    ``prefix`` is ``valid_``) and whether the epoch is the one kept so far."""
+    shown = " ".join(
+        f"{prefix}{k}={metrics[prefix + k]:.4f}" for k in HEADLINE if prefix + k in metrics
+    )
+    return f"epoch {epoch + 1}/{epochs}: {shown}" + (" (kept so far)" if kept else "")
+
+
+def check_disjoint(train: list[str], valid: list[str], evaluation: list[str]) -> None:
+    """A validation or test partition that is also trained on (or a test day that also
+    validates) would leak into the choice or the result: a clear error instead."""
+    for first, second, names in (
+        (train, valid, "--train-dates and --valid-date"),
+        (train, evaluation, "--train-dates and --eval-date"),
+        (valid, evaluation, "--valid-date and --eval-date"),
+    ):
+        shared = sorted(set(first) & set(second))
+        if shared:
+            raise DateError(f"{names} share {', '.join(shared)}: they must not overlap")
+
+
 def write_summary(path: Path, run_id: str, version: str | None, metrics: dict) -> None:
     """The run's outcome as JSON (NaN metrics as null), written atomically."""
     import json
@@ -371,176 +444,6 @@ def write_summary(path: Path, run_id: str, version: str | None, metrics: dict) -
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     tmp.replace(path)
-
-
-def build_optimizers(model: torch.nn.Module, optim: OptimConfig, hvd) -> list:
-    """Adam for the dense parameters and SparseAdam for sparse embedding tables, each wrapped
-    in ``hvd.DistributedOptimizer``; learning rates scaled by the number of workers."""
-    lr_scale = hvd.size() if optim.scale_lr_by_workers else 1
-    names_of = {id(p): n for n, p in model.named_parameters()}
-    optimizers = []
-    dense_params = list(model.dense_parameters())
-    if dense_params:
-        dense = torch.optim.Adam(
-            dense_params, lr=optim.lr * lr_scale, betas=optim.betas, eps=optim.eps
-        )
-        optimizers.append(
-            hvd.DistributedOptimizer(
-                dense, named_parameters=[(names_of[id(p)], p) for p in dense_params]
-            )
-        )
-    sparse_params = list(model.sparse_parameters())
-    if sparse_params:
-        sparse = torch.optim.SparseAdam(
-            sparse_params,
-            lr=(optim.sparse_lr or optim.lr) * lr_scale,
-            betas=optim.betas,
-            eps=optim.eps,
-        )
-        # Sparse gradients are allgathered (indices + rows touched), never densified.
-        optimizers.append(
-            hvd.DistributedOptimizer(
-                sparse, named_parameters=[(names_of[id(p)], p) for p in sparse_params]
-            )
-        )
-    return optimizers
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizers: list,
-    batch: dict[str, torch.Tensor],
-    cfg: TrainConfig,
-    generator: torch.Generator,
-) -> tuple[float, dict[str, float]]:
-    """One optimisation step: forward, the variant's loss, backward (gradients allreduced by
-    the DistributedOptimizer hooks), update.
-
-    Every rank always takes the step, even when its loss is not finite: skipping the backward
-    pass would leave the other ranks waiting for this rank's gradients. The caller checks the
-    returned loss (:class:`LockStep`) and stops every rank together.
-
-    Returns:
-        This rank's loss and its parts, as floats.
-    """
-    outputs = model(batch)
-    loss, parts = compute_loss(
-        outputs,
-        batch["click"],
-        batch["conversion"],
-        cfg.loss,
-        cfg.model.variant,
-        generator=generator,
-    )
-    for optimizer in optimizers:
-        optimizer.zero_grad()
-    loss.backward()
-    for optimizer in optimizers:
-        optimizer.step()
-    return float(loss.detach()), {name: float(part) for name, part in parts.items()}
-
-
-class LockStep:
-    """Keeps the ranks of an epoch in step, with ONE tiny allreduce per training step.
-
-    Shards hold whole row groups, so their sizes differ: without this, a rank that ran out of
-    rows would leave the others waiting forever in the gradient allreduce. Before each step
-    the ranks allreduce (min) two flags: "I have a batch" and "my previous loss was finite".
-    The epoch ends for all when any rank is out of data; training stops on all, with one
-    error, when any rank's loss was NaN/inf. A single process skips the allreduce.
-    """
-
-    def __init__(self, hvd, device: torch.device):
-        self.hvd = hvd
-        self.device = device
-        self.finite = True
-        self.problem = ""
-
-    def check(self, loss: float, parts: dict[str, float], where: str) -> None:
-        """Record this rank's loss of the step just taken."""
-        if not math.isfinite(loss):
-            self.finite = False
-            self.problem = (
-                f"non-finite loss at {where} (loss {loss:.4g}; "
-                + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                + "). Lower optim.lr or check the input."
-            )
-
-    def batches(self, batches, max_steps: int | None):
-        """Yield batches (on the device) while every rank has one and max_steps is not hit."""
-        steps = 0
-        iterator = iter(batches)
-        while True:
-            batch = next(iterator, None) if max_steps is None or steps < max_steps else None
-            have, finite = batch is not None, self.finite
-            if self.hvd.size() > 1:
-                flags = torch.tensor([float(have), float(finite)])
-                flags = self.hvd.allreduce(flags, op=self.hvd.Min, name="lockstep")
-                have, finite = bool(flags[0] > 0), bool(flags[1] > 0)
-            if not finite:
-                raise TrainingError(self.problem or "non-finite loss on another rank")
-            if not have:
-                return
-            steps += 1
-            yield {
-                name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()
-            }
-
-
-@torch.no_grad()
-def evaluate(model, urls, fields, data_cfg, hvd, device, oracle) -> dict[str, np.ndarray]:
-    """Predict this rank's shard of the eval set and allgather every rank's predictions.
-
-    Returns numpy arrays over the WHOLE eval set (on every rank): ``click``, ``conversion``,
-    ``pctr``, ``pcvr``, ``pctcvr`` and, with an oracle, ``oracle_pctr``, ``oracle_pcvr``,
-    ``conversion_if_clicked``. Gathering the scores (not histograms) keeps AUCs exact.
-    """
-    model.eval()
-    columns = ["click", "conversion", "pctr", "pcvr", "pctcvr"]
-    if oracle is not None:
-        columns += ["oracle_pctr", "oracle_pcvr", "conversion_if_clicked"]
-    pieces = []
-    for batch in eval_batches(urls, fields, hvd.rank(), hvd.size(), data_cfg.reader_workers):
-        ids = batch["impression_id"]
-        for start in range(0, len(ids), data_cfg.eval_batch_size):
-            part = {k: v[start : start + data_cfg.eval_batch_size] for k, v in batch.items()}
-            outputs = model(numpy_batch_to_tensors(part, fields, device))
-            block = [
-                np.asarray(part["click"], dtype=np.float64),
-                np.asarray(part["conversion"], dtype=np.float64),
-                *(outputs[k].double().cpu().numpy() for k in ("pctr", "pcvr", "pctcvr")),
-            ]
-            if oracle is not None:
-                truth = oracle.reindex(part["impression_id"])
-                missing = int(truth["pctr"].isna().sum())
-                if missing:
-                    raise DataError(f"{missing} eval impressions have no oracle row")
-                block += [
-                    truth["pctr"].to_numpy(np.float64),
-                    truth["pcvr"].to_numpy(np.float64),
-                    truth["conversion_if_clicked"].to_numpy(np.float64),
-                ]
-            pieces.append(np.stack(block, axis=1))
-    local = np.concatenate(pieces) if pieces else np.zeros((0, len(columns)))
-    gathered = hvd.allgather(torch.from_numpy(local), name="eval_predictions").numpy()
-    return {name: gathered[:, i] for i, name in enumerate(columns)}
-
-
-def save_checkpoint(directory: Path, epoch: int, model, optimizers, run_id: str, cfg) -> Path:
-    """Write ``last.pt`` atomically (temp file + rename): a crash mid-write keeps the previous."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state: dict[str, Any] = {
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
-        "run_id": run_id,
-        "config": cfg.model_dump(mode="json"),
-    }
-    tmp = directory / ".last.pt.tmp"
-    torch.save(state, tmp)
-    final = directory / "last.pt"
-    os.replace(tmp, final)
-    return final
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from contract.config import load_config
 from contract.fields import FieldsConfig
 from esmm.data import DataConfig, partition_urls, train_batches
-from esmm.train import LockStep
+from esmm.steps import LockStep
 
 hvd.init()
 features, fields_path = sys.argv[1], sys.argv[2]
