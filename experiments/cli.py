@@ -77,7 +77,8 @@ def cmd_paper_table(ctx: Context, parent: str, out: Path) -> Outcome:
         reference="base" if "base" in ctx.cfg.paper_table.variants else None,
         notes=[
             f"Data: simulator preset `{data.preset}`, selection_bias {data.selection_bias:g}, "
-            f"train on {data.train_days} day(s), evaluate on the next {data.eval_days}. "
+            f"train on {data.train_days} day(s), choose each run's epoch on the next "
+            f"{data.valid_days}, test on the {data.eval_days} after. "
             f"AUCs in points, mean ± sample std over seeds {ctx.cfg.seeds}; "
             "gains are differences of means in points.",
             "CVR AUC (clicked) is the paper's protocol; CVR AUC (entire space) scores pCVR "
@@ -226,6 +227,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.add_argument(
         "--fresh", action="store_true", help="ignore cached datasets and trainings"
     )
+    options.add_argument(
+        "--offline",
+        action="store_true",
+        help="train nothing and touch no MLflow: rebuild the tables and plots from the kept "
+        "training summaries (results_dir) alone; a missing one is an error that names it",
+    )
     add_override_argument(
         options, "override an experiment-config key, e.g. --set seeds=[1,2] (repeatable)"
     )
@@ -268,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_experiment_config(args.config, args.quick, args.overrides)
         check_trainer_inputs(cfg)
-        ctx = resolve_context(cfg, args.fresh)
+        if args.offline and args.fresh:
+            raise ConfigError("--offline reads the kept summaries; --fresh would ignore them")
+        ctx = resolve_context(cfg, args.fresh, args.offline)
     except (ConfigError, TrackingError) as exc:
         print(error_line(exc), file=sys.stderr)
         return EXIT_USAGE
@@ -298,16 +307,19 @@ def main(argv: list[str] | None = None) -> int:
         outcomes[name] = outcome
         for table in outcome.tables:
             print("\n" + table.markdown())
-        print(f"{name}: results in {out} (MLflow run {run_id})", file=sys.stderr)
+        where = "offline, from the kept summaries" if ctx.offline else f"MLflow run {run_id}"
+        print(f"{name}: results in {out} ({where})", file=sys.stderr)
     elapsed = time.monotonic() - started
     command_line = "python -m experiments " + " ".join(argv if argv else sys.argv[1:])
     report = write_report(ctx, outcomes, command_line, elapsed)
     if top:
         close_parent(ctx, top, elapsed, [report])
+    mlflow_line = (
+        "" if ctx.offline else (f"\nMLflow: {ctx.tracking_uri} (experiment '{cfg.experiment}')")
+    )
     print(
         f"\n{args.command}: {ctx.launched} trainings run, {ctx.reused} reused from the cache, "
-        f"{elapsed / 60:.1f} min. Report: {report}\nMLflow: {ctx.tracking_uri} "
-        f"(experiment '{cfg.experiment}')",
+        f"{elapsed / 60:.1f} min. Report: {report}{mlflow_line}",
         file=sys.stderr,
     )
     return 0

@@ -37,7 +37,9 @@ PAPER_VARIANTS = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns
 
 
 class DataSpec(StrictModel):
-    """One dataset, split by time: the first ``train_days`` train, the rest evaluate.
+    """One dataset, split by time: the first ``train_days`` train, the next ``valid_days``
+    choose each run's epoch (esmm/selection.py), the last ``eval_days`` are the test days
+    that the reported metrics come from.
 
     By default the dataset is simulated and its feature tables built by the pipeline's own
     jobs. With ``features`` set, the days are read from an existing feature table instead
@@ -57,6 +59,7 @@ class DataSpec(StrictModel):
     preset: str = "demo"
     start_date: date = date(2026, 1, 1)
     train_days: int = Field(default=3, ge=1)
+    valid_days: int = Field(default=1, ge=0)
     eval_days: int = Field(default=1, ge=1)
     impressions_per_day: int | None = Field(default=None, ge=100)
     selection_bias: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -67,11 +70,13 @@ class DataSpec(StrictModel):
     def days(self) -> list[str]:
         return [
             (self.start_date + timedelta(days=i)).isoformat()
-            for i in range(self.train_days + self.eval_days)
+            for i in range(self.train_days + self.valid_days + self.eval_days)
         ]
 
     def key(self) -> str:
-        split = f"{self.start_date.isoformat()}-{self.train_days}+{self.eval_days}d"
+        split = (
+            f"{self.start_date.isoformat()}-{self.train_days}+{self.valid_days}+{self.eval_days}d"
+        )
         if self.features is not None:
             # A table given by path: its location (and oracle) name it, not simulator knobs.
             source = hashlib.sha256(f"{self.features}|{self.oracle}".encode()).hexdigest()[:12]
@@ -105,6 +110,10 @@ class ExperimentConfig(StrictModel):
     applies (fewer seeds, smaller data); command-line ``--set`` overrides come last."""
 
     workdir: str = "var/experiments"
+    # Each finished training's summary (its metrics, what determined it, its dataset key):
+    # the cache that lets a run resume, and the results as data. null = <workdir>/runs; a
+    # folder under docs/results/ keeps them in the repository (a few KB a training).
+    results_dir: str | None = None
     train_config: str = "conf/train.yaml"
     np: int = Field(default=2, ge=1)
     seeds: list[int] = Field(min_length=1)

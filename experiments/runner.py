@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from contract import commands
 from contract.config import ConfigError, load_config
@@ -31,6 +32,7 @@ from experiments.config import DataSpec, ExperimentConfig
 __all__ = [
     "Context",
     "DatasetPaths",
+    "MissingRun",
     "RunResult",
     "RunSpec",
     "close_parent",
@@ -38,6 +40,7 @@ __all__ = [
     "open_parent",
     "prepare_dataset",
     "resolve_context",
+    "runs_dir",
     "train",
     "train_all",
 ]
@@ -87,26 +90,25 @@ class RunSpec:
     data: DataSpec
     overrides: tuple[str, ...] = ()
 
-    def key(self, cfg: ExperimentConfig) -> str:
-        """The cache key of this training under ``cfg``: a digest of everything that
-        determines it (see the module docstring); raises :class:`ConfigError` when the train
-        config or its field list cannot be read."""
+    def determinants(self, cfg: ExperimentConfig) -> dict[str, Any]:
+        """Everything that determines this training under ``cfg`` (see the module docstring);
+        raises :class:`ConfigError` when the train config or its field list cannot be read."""
         train_config = project_path(cfg.train_config)
-        config_digest = file_digest(train_config, "train_config")
-        fields = fields_file(cfg, self.overrides)
-        payload = json.dumps(
-            {
-                "data": self.data.model_dump(mode="json"),
-                "variant": self.variant,
-                "seed": self.seed,
-                "overrides": list(self.overrides),
-                "train_overrides": list(cfg.train_overrides),
-                "train_config": config_digest,
-                "fields": file_digest(fields, "fields_config"),
-                "np": cfg.np,
-            },
-            sort_keys=True,
-        )
+        return {
+            "data": self.data.model_dump(mode="json"),
+            "variant": self.variant,
+            "seed": self.seed,
+            "overrides": list(self.overrides),
+            "train_overrides": list(cfg.train_overrides),
+            "train_config": file_digest(train_config, "train_config"),
+            "fields": file_digest(fields_file(cfg, self.overrides), "fields_config"),
+            "np": cfg.np,
+        }
+
+    def key(self, cfg: ExperimentConfig) -> str:
+        """The cache key of this training under ``cfg``: a digest of its
+        :meth:`determinants`."""
+        payload = json.dumps(self.determinants(cfg), sort_keys=True)
         digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
         return f"{self.variant}-s{self.seed}-{digest}"
 
@@ -125,6 +127,7 @@ class DatasetPaths:
     features: str
     oracle: str | None
     train_dates: str
+    valid_dates: str | None
     eval_dates: str
 
 
@@ -137,6 +140,7 @@ class Context:
     tracking_uri: str
     experiment_id: str
     fresh: bool = False
+    offline: bool = False
     launched: int = 0
     reused: int = 0
     datasets: dict[str, DatasetPaths] = field(default_factory=dict)
@@ -149,6 +153,13 @@ class Context:
 # ---- datasets and trainings --------------------------------------------------------------------
 
 
+def _span(days: list[str]) -> str | None:
+    """``A`` or ``A..B`` for consecutive days; None for none."""
+    if not days:
+        return None
+    return days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}"
+
+
 def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
     """The feature tables of ``spec``: simulated and built once (cached by its key), or the
     existing table ``spec.features`` as it is."""
@@ -156,17 +167,19 @@ def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
     if key in ctx.datasets:
         return ctx.datasets[key]
     days = spec.days()
-    train_dates = f"{days[0]}..{days[spec.train_days - 1]}"
-    eval_dates = (
-        days[spec.train_days] if spec.eval_days == 1 else f"{days[spec.train_days]}..{days[-1]}"
-    )
+    train, rest = days[: spec.train_days], days[spec.train_days :]
+    valid, test = rest[: spec.valid_days], rest[spec.valid_days :]
+    train_dates, valid_dates, eval_dates = (_span(part) for part in (train, valid, test))
     if spec.features is not None:
-        paths = DatasetPaths(spec.features, spec.oracle, train_dates, eval_dates)
+        paths = DatasetPaths(spec.features, spec.oracle, train_dates, valid_dates, eval_dates)
         ctx.datasets[key] = paths
+        _keep_dataset_stats(ctx, key, paths)
         return paths
     root = ctx.workdir / "data" / key
     raw = root / "raw"
-    paths = DatasetPaths(str(root / "features"), str(raw / "oracle"), train_dates, eval_dates)
+    paths = DatasetPaths(
+        str(root / "features"), str(raw / "oracle"), train_dates, valid_dates, eval_dates
+    )
     ready = root / "READY"
     if ctx.fresh or not ready.is_file():
         shutil.rmtree(root, ignore_errors=True)
@@ -192,18 +205,48 @@ def prepare_dataset(ctx: Context, spec: DataSpec) -> DatasetPaths:
         root.mkdir(parents=True, exist_ok=True)
         ready.write_text(json.dumps(spec.model_dump(mode="json"), indent=1))
     ctx.datasets[key] = paths
+    _keep_dataset_stats(ctx, key, paths)
     return paths
 
 
-def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
-    """One training through the production trainer (horovodrun), or its cached result."""
+def _keep_dataset_stats(ctx: Context, key: str, paths: DatasetPaths) -> None:
+    """Print the dataset's sizes, positives and cold share, and keep them beside the runs'
+    summaries (``<results_dir>/datasets/<key>.json``)."""
+    from experiments.datasets import dataset_stats, describe
+
+    stats = dataset_stats(paths.features, paths.train_dates, paths.valid_dates, paths.eval_dates)
+    path = runs_dir(ctx) / "datasets" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stats, indent=1, sort_keys=True))
+    print(f"dataset {key}:\n{describe(stats)}", file=sys.stderr, flush=True)
+
+
+class MissingRun(ConfigError):
+    """``--offline`` and a training has no summary yet."""
+
+
+def runs_dir(ctx: Context) -> Path:
+    """Where the trainings' summaries live (``results_dir``, else ``<workdir>/runs``)."""
+    return project_path(ctx.cfg.results_dir) if ctx.cfg.results_dir else ctx.workdir / "runs"
+
+
+def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
+    """One training through the production trainer (horovodrun), or its kept summary.
+
+    Raises:
+        MissingRun: with ``ctx.offline``, when the training has no summary (nothing runs).
+    """
     key = spec.key(ctx.cfg)
-    runs = ctx.workdir / "runs"
-    summary_path = runs / f"{key}.json"
+    summary_path = runs_dir(ctx) / f"{key}.json"
     if summary_path.is_file() and not ctx.fresh:
         summary = json.loads(summary_path.read_text())
         ctx.reused += 1
         return RunResult(spec, summary["run_id"], _metrics(summary), summary["seconds"], True)
+    if ctx.offline:
+        raise MissingRun(
+            f"--offline: no summary of training {spec.label} seed {spec.seed} "
+            f"({summary_path}); run without --offline to train it"
+        )
     data = prepare_dataset(ctx, spec.data)
     checkpoints = ctx.workdir / "checkpoints" / key
     overrides = [
@@ -224,6 +267,7 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
             data.features,
             data.train_dates,
             data.eval_dates,
+            valid_date=data.valid_dates,
             oracle=data.oracle,
             checkpoint_dir=checkpoints,
             run_name=f"{spec.label} seed {spec.seed}",
@@ -241,7 +285,11 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str) -> RunResult:
     )
     summary = json.loads(summary_path.with_suffix(".trainer.json").read_text())
     summary.update(
-        seconds=seconds, spec={"label": spec.label, "variant": spec.variant, "seed": spec.seed}
+        seconds=seconds,
+        key=key,
+        spec={"label": spec.label, "variant": spec.variant, "seed": spec.seed},
+        determinants=spec.determinants(ctx.cfg),
+        dataset=spec.data.key(),
     )
     summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
     summary_path.with_suffix(".trainer.json").unlink()
@@ -285,15 +333,20 @@ def _client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri)
 
 
-def resolve_context(cfg: ExperimentConfig, fresh: bool) -> Context:
+def resolve_context(cfg: ExperimentConfig, fresh: bool, offline: bool = False) -> Context:
     """The work dir (made), the tracking URI (``MLFLOW_TRACKING_URI``, the config's, else a
-    SQLite store in the work dir; checked reachable) and the MLflow experiment (made)."""
+    SQLite store in the work dir; checked reachable) and the MLflow experiment (made).
+
+    ``offline``: tables from the kept summaries only; MLflow is not touched.
+    """
     from esmm.tracking import check_reachable, default_artifact_location
 
     workdir = Path(cfg.workdir)
     if not workdir.is_absolute():
         workdir = commands.PROJECT_ROOT / workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    if offline:
+        return Context(cfg, workdir, "", "", fresh=False, offline=True)
     uri = (
         os.environ.get("MLFLOW_TRACKING_URI")
         or cfg.tracking_uri
@@ -312,10 +365,13 @@ def resolve_context(cfg: ExperimentConfig, fresh: bool) -> Context:
     return Context(cfg, workdir, uri, experiment_id, fresh=fresh)
 
 
-def open_parent(ctx: Context, name: str, parent: str | None, params: dict[str, str]) -> str:
-    """A new MLflow run ``name`` (under ``parent`` when given) with ``params``; its id."""
+def open_parent(ctx: Context, name: str, parent: str | None, params: dict[str, str]) -> str | None:
+    """A new MLflow run ``name`` (under ``parent`` when given) with ``params``; its id (None
+    offline)."""
     from mlflow.entities import Param
 
+    if ctx.offline:
+        return None
     client = _client(ctx.tracking_uri)
     tags = {"esmm.experiment_command": name}
     if parent:
@@ -331,12 +387,14 @@ def open_parent(ctx: Context, name: str, parent: str | None, params: dict[str, s
 
 def close_parent(
     ctx: Context,
-    run_id: str,
+    run_id: str | None,
     seconds: float,
     files: Sequence[Path] | None,
     trainings: int = 0,
 ) -> None:
     """Log ``files`` as artifacts and finish the run; ``files=None`` marks it FAILED."""
+    if ctx.offline or run_id is None:
+        return
     client = _client(ctx.tracking_uri)
     if files is not None:
         for path in files:

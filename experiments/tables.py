@@ -98,6 +98,18 @@ def fmt_ratio(mean: float, std: float) -> str:
     return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
 
 
+def fmt_epoch(mean: float, std: float) -> str:
+    """The mean kept epoch over seeds (chosen on the validation day), ``n/a`` without one.
+
+    Example:
+        >>> fmt_epoch(2.0, 0.0), fmt_epoch(1.6, 0.49), fmt_epoch(float("nan"), float("nan"))
+        ('2', '1.6 ± 0.5', 'n/a')
+    """
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.0f}" if std == 0 else f"{mean:.1f} ± {std:.1f}"
+
+
 def fmt_gain(value: float, base: float) -> str:
     if math.isnan(value) or math.isnan(base):
         return "n/a"
@@ -131,6 +143,7 @@ CSV_METRICS = (
     "cvr_ieb_vs_counterfactual",
     "cvr_logloss",
     "ctcvr_logloss",
+    "kept_epoch",
 )
 ORACLE = (
     ("cvr_auc", "oracle_cvr_auc"),
@@ -157,6 +170,7 @@ def comparison_table(
         if ref:
             header.append(f"gain vs {reference}")
     header.append("pCVR IEB (mean pCVR / true)")
+    header.append("kept epoch")
     rows, csv_rows = [], []
     for label, group_results in grouped.items():
         row = [label, str(len(group_results))]
@@ -166,6 +180,7 @@ def comparison_table(
             if ref:
                 row.append(fmt_gain(mean, stat(ref, metric)[0]))
         row.append(fmt_ratio(*stat(group_results, "cvr_ieb")))
+        row.append(fmt_epoch(*stat(group_results, "kept_epoch")))
         rows.append(row)
         csv_row: list[Any] = [label, len(group_results)]
         for metric in CSV_METRICS:
@@ -179,6 +194,7 @@ def comparison_table(
         if ref:
             oracle_row.append(fmt_gain(stat(everything, oracle_metric)[0], stat(ref, metric)[0]))
     oracle_row.append("1.000")
+    oracle_row.append("-")
     rows.append(oracle_row)
     csv_header = [label_header, "seeds"]
     for metric in CSV_METRICS:

@@ -187,8 +187,9 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
 
 
 def test_a_simulated_dataset_is_made_by_the_pipelines_own_jobs_once(tmp_path, monkeypatch):
-    steps = []
+    steps, described = [], []
     monkeypatch.setattr(runner.commands, "run_step", lambda title, cmd, *a, **k: steps.append(cmd))
+    monkeypatch.setattr(runner, "_keep_dataset_stats", lambda ctx, key, p: described.append(key))
     cfg = config.load_experiment_config(CONFIG, True, [f"workdir={tmp_path}"])
     ctx = runner.Context(cfg, tmp_path, "sqlite:///unused.db", "0")
     spec = config.DataSpec(preset="tiny", selection_bias=0.9, impressions_per_day=3000, seed=3)
@@ -196,27 +197,111 @@ def test_a_simulated_dataset_is_made_by_the_pipelines_own_jobs_once(tmp_path, mo
     simulate, build = steps
     raw = str(tmp_path / "data" / spec.key() / "raw")
     assert simulate[simulate.index("jobs/generate_logs.py") + 1 :] == [
-        *("--preset", "tiny", "--start-date", "2026-01-01", "--days", "5", "--seed", "3"),
+        *("--preset", "tiny", "--start-date", "2026-01-01", "--days", "6", "--seed", "3"),
         *("--out", raw, "--set", "presets.tiny.funnel.selection_bias=0.9"),
         *("--set", "presets.tiny.impressions_per_day=3000"),
     ]
     assert build[build.index("jobs/build_features.py") + 1 :] == [
         *("--raw", raw, "--out", paths.features),
-        *("--start-date", "2026-01-01", "--end-date", "2026-01-04"),
+        *("--start-date", "2026-01-01", "--end-date", "2026-01-05"),
     ]
-    assert (paths.train_dates, paths.eval_dates) == ("2026-01-01..2026-01-03", "2026-01-04")
+    # 3 train days, then the validation day, then the test day
+    assert (paths.train_dates, paths.valid_dates, paths.eval_dates) == (
+        "2026-01-01..2026-01-03",
+        "2026-01-04",
+        "2026-01-05",
+    )
     assert paths.oracle == f"{raw}/oracle"
     assert runner.prepare_dataset(ctx, spec) == paths and len(steps) == 2  # made once
+    assert described == [spec.key()]  # its statistics kept once
 
-    given = config.DataSpec(features="hdfs://nn/features", train_days=2, eval_days=2)
+    given = config.DataSpec(features="hdfs://nn/features", train_days=2, valid_days=0, eval_days=2)
     table = runner.prepare_dataset(ctx, given)
     assert (table.features, table.oracle) == ("hdfs://nn/features", None)
-    assert (table.train_dates, table.eval_dates) == (
+    assert (table.train_dates, table.valid_dates, table.eval_dates) == (
         "2026-01-01..2026-01-02",
+        None,
         "2026-01-03..2026-01-04",
     )
     assert len(steps) == 2  # nothing simulated for a given table
     assert given.key() != given.model_copy(update={"features": "hdfs://nn/other"}).key()
+
+
+def test_dataset_statistics_count_positives_per_split_and_the_cold_test_items(tmp_path):
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    from experiments.datasets import dataset_stats
+    from tests.feature_fixtures import small_fields, write_feature_day
+
+    fields = small_fields()
+    days = ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]
+    for seed, day in enumerate(days):
+        write_feature_day(tmp_path, day, fields, rows=400 + 100 * seed, seed=seed)
+
+    def read(*parts):
+        tables = [ds.dataset(tmp_path / f"dt={d}", format="parquet").to_table() for d in parts]
+        return {
+            k: np.concatenate([t[k].to_numpy() for t in tables]) for k in tables[0].schema.names
+        }
+
+    stats = dataset_stats(str(tmp_path), "2026-01-01..2026-01-02", "2026-01-03", "2026-01-04")
+    train, test = read(*days[:2]), read(days[3])
+    assert stats["train"]["impressions"] == 900 and stats["valid"]["impressions"] == 600
+    assert stats["train"]["clicks"] == train["click"].sum()
+    assert stats["test"]["conversions"] == test["conversion"].sum()
+    assert stats["test"]["cvr_given_click"] == pytest.approx(
+        test["conversion"].sum() / test["click"].sum()
+    )
+    clicks = {i: int(((train["item_id"] == i) & (train["click"] == 1)).sum()) for i in range(64)}
+    cold = np.mean([clicks.get(int(i), 0) < 5 for i in test["item_id"]])
+    assert stats["cold"]["test_impressions_share"] == pytest.approx(cold)
+    assert 0 < cold < 1  # the fixture has both kinds, so the count is really tested
+    assert "valid" not in dataset_stats(str(tmp_path), "2026-01-01", None, "2026-01-02")
+
+
+def test_offline_rebuilds_the_tables_from_the_kept_summaries_alone(tmp_path, capsys):
+    """Results as data: the summaries a run keeps (results_dir) are enough to rebuild its
+    tables on a machine that trained nothing and has no MLflow store."""
+    import json
+
+    sets = [
+        f"workdir={tmp_path / 'work'}",
+        f"results_dir={tmp_path / 'summaries'}",
+        "paper_table.variants=[base, esmm]",
+        "seeds=[1, 2]",
+    ]
+    cfg = config.load_experiment_config(CONFIG, False, sets)
+    ctx = runner.Context(cfg, tmp_path / "work", "", "", offline=True)
+    runs = runner.runs_dir(ctx)
+    runs.mkdir(parents=True)
+    cvr = {("base", 1): 0.60, ("base", 2): 0.62, ("esmm", 1): 0.64, ("esmm", 2): 0.68}
+    for spec in cli.paper_specs(cfg):
+        metrics = {"cvr_auc": cvr[spec.variant, spec.seed], "kept_epoch": spec.seed}
+        summary = {"run_id": f"r-{spec.variant}-{spec.seed}", "metrics": metrics, "seconds": 1}
+        (runs / f"{spec.key(cfg)}.json").write_text(json.dumps(summary))
+    argv = [
+        "paper-table",
+        "--config",
+        CONFIG,
+        "--offline",
+        *[x for kv in sets for x in ("--set", kv)],
+    ]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "0 trainings run, 4 reused" in err and "MLflow:" not in err
+    out = tmp_path / "work" / "results" / "paper_table"
+    rows = {r["model"]: r for r in csv.DictReader((out / "paper_table.csv").open())}
+    assert float(rows["base"]["cvr_auc_mean"]) == pytest.approx(0.61)
+    assert float(rows["esmm"]["cvr_auc_mean"]) == pytest.approx(0.66)
+    assert float(rows["esmm"]["kept_epoch_mean"]) == pytest.approx(1.5)
+    assert rows["esmm"]["mlflow_run_ids"] == "r-esmm-1 r-esmm-2"
+    assert not (tmp_path / "work" / "mlflow").exists()  # no MLflow store was made
+
+    (runs / f"{cli.paper_specs(cfg)[-1].key(cfg)}.json").unlink()
+    assert cli.main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's
+    assert line.startswith("experiments: error: --offline: no summary of training esmm seed 2")
 
 
 @pytest.fixture
@@ -238,7 +323,7 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
     # The session's shared tiny dataset (tests/conftest.py): the runs read its feature tables
     # as a user's own tables are read (data.features), nothing is simulated again.
     raw = raw_logs()
-    features = built_features(raw, "2026-01-02", "2026-01-03")
+    features = built_features(raw, "2026-01-02", "2026-01-04")
     variants = ["base", "esmm"]
     options = [
         "--config",
@@ -250,8 +335,9 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
         f"paper_table.variants=[{', '.join(variants)}]",
         "--set",
         "experiment=experiments-it",
-        # the smallest real run: one day trains, the next evaluates, 3000 impressions a day
-        # (about 200 clicks and 40 conversions), one Horovod worker (still horovodrun)
+        # the smallest real run: one day trains, the next chooses the epoch, the third is the
+        # test day; 3000 impressions a day (about 200 clicks and 40 conversions), up to two
+        # epochs, one Horovod worker (still horovodrun)
         "--set",
         f"data.features={features}",
         "--set",
@@ -265,7 +351,7 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
         # batches assembled in the trainer's own process (the child process costs seconds per
         # training; tests/test_data.py covers it); also shows train_overrides reach each run
         "--set",
-        "train_overrides=[data.input_process=false]",
+        "train_overrides=[data.input_process=false, epochs=2]",
     ]
     env_uri = {"MLFLOW_TRACKING_URI": mlflow_server}
     command = [sys.executable, "-m", "experiments", "paper-table", *options]
@@ -300,6 +386,14 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
     assert {c.data.tags["variant"] for c in children} == set(variants)
     assert all("entire_space_cvr_auc" in c.data.metrics for c in children)
     assert {c.data.params["data.input_process"] for c in children} == {"False"}
+    # the protocol: each run validated on 2026-01-03, kept its best epoch of up to two, and
+    # reports the test day 2026-01-04
+    assert {c.data.tags["valid_date"] for c in children} == {"2026-01-03"}
+    assert {c.data.tags["eval_date"] for c in children} == {"2026-01-04"}
+    assert {c.data.metrics["kept_epoch"] for c in children} <= {1.0, 2.0}
+    for row in rows:
+        assert 1.0 <= float(row["kept_epoch_mean"]) <= 2.0
+    assert "kept epoch" in markdown
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"paper_table.md", "paper_table.csv", "paper_table.png"} <= artifacts
     # the CSV's run ids are those children
