@@ -122,10 +122,18 @@ with DAG(
 
     @task(execution_timeout=timedelta(minutes=5))
     def plan_training(settings: dict[str, Any]) -> dict[str, Any]:
-        """The training window (feature days before D that exist) and the train script."""
-        window = s.training_window(settings)
-        print(f"{s.DAG_ID}: training on {window}, evaluating on {settings['day']}")
-        return {"train_dates": window, "train_script": s.train_script(settings, window)}
+        """The training window (feature days before D that exist), the validation days taken
+        from its end, and the train script."""
+        train_days, valid_days = s.split_window(settings, s.training_window(settings))
+        print(
+            f"{s.DAG_ID}: training on {train_days}, choosing the epoch on {valid_days or 'none'}"
+            f", evaluating on {settings['day']}"
+        )
+        return {
+            "train_dates": train_days,
+            "valid_dates": valid_days,
+            "train_script": s.train_script(settings, train_days, valid_days),
+        }
 
     # A new version per attempt, so a retry never reuses a half-run. The script's last line
     # (the XCom the gate reads) is the version from the trainer's summary JSON.

@@ -263,6 +263,18 @@ def training_window(
     return available
 
 
+def split_window(settings: Mapping[str, Any], window: Sequence[str]) -> tuple[list, list]:
+    """``(train days, validation days)``: the newest ``valid_days`` days of the window choose
+    the epoch the run keeps (``--valid-date``, esmm/selection.py) and are not trained on. A
+    window too short to spare them trains on every day and keeps the last epoch."""
+    valid_days = int(settings["valid_days"])
+    if valid_days < 0:
+        raise ValueError(f"{DAG_ID}: valid_days must be >= 0, got {valid_days}")
+    if valid_days == 0 or len(window) <= valid_days:
+        return list(window), []
+    return list(window[:-valid_days]), list(window[-valid_days:])
+
+
 # ---- the tasks' environment and command lines --------------------------------------------
 
 
@@ -329,14 +341,18 @@ def score_job(settings: Mapping[str, Any]) -> tuple[str, list[str]]:
     return commands.job_script("score", settings["project_root"]), args
 
 
-def train_command(settings: Mapping[str, Any], train_dates: Sequence[str]) -> list[str]:
-    """``horovodrun ... python -m esmm.train ...`` on ``train_dates``, evaluated on D; the
-    trainer writes its summary (run id, registered version) to ``train_summary``."""
+def train_command(
+    settings: Mapping[str, Any], train_dates: Sequence[str], valid_dates: Sequence[str] = ()
+) -> list[str]:
+    """``horovodrun ... python -m esmm.train ...`` on ``train_dates``, the epoch chosen on
+    ``valid_dates`` (when any), evaluated on D; the trainer writes its summary (run id,
+    registered version) to ``train_summary``."""
     args = commands.train_args(
         config=settings["train_config"],
         fields=settings["fields_config"],
         features=settings["features_root"],
         train_dates=",".join(train_dates),
+        valid_date=",".join(valid_dates) or None,
         eval_date=settings["day"],
         oracle=settings["oracle_root"] or None,
         checkpoint_dir=settings["checkpoint_dir"],
@@ -351,7 +367,9 @@ def train_command(settings: Mapping[str, Any], train_dates: Sequence[str]) -> li
     return commands.trainer(settings["bin"], settings["np"], args, hosts=settings["hosts"])
 
 
-def train_script(settings: Mapping[str, Any], train_dates: Sequence[str]) -> str:
+def train_script(
+    settings: Mapping[str, Any], train_dates: Sequence[str], valid_dates: Sequence[str] = ()
+) -> str:
     """The ``train`` task's bash script: drop a previous attempt's summary, train, then print
     the registered version from the summary as the last line (the task's XCom); the task
     fails when the trainer fails or registered nothing."""
@@ -362,7 +380,7 @@ def train_script(settings: Mapping[str, Any], train_dates: Sequence[str]) -> str
             "set -euo pipefail",
             f"cd {shlex.quote(settings['project_root'])}",
             f"rm -f {shlex.quote(summary)}",
-            shlex.join(train_command(settings, train_dates)),
+            shlex.join(train_command(settings, train_dates, valid_dates)),
             shlex.join([*read_version, "registered-version", summary]),
         ]
     )

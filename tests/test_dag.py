@@ -217,7 +217,13 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server, r
     assert second.tags["decision"] in {"promoted", "rejected"}
     assert second.tags["champion_version_compared"] == "1"
     assert second.tags["decision_eval_date"] == "2026-01-04"
-    assert second.tags["train_dates"] == "2026-01-02,2026-01-03"  # the sliding window
+    # the sliding window (2026-01-02, 2026-01-03): its newest day chooses the kept epoch
+    assert second.tags["train_dates"] == "2026-01-02"
+    second_run = client.get_run(second.run_id)
+    assert second_run.data.tags["valid_date"] == "2026-01-03"
+    assert second_run.data.metrics["kept_epoch"] == 1.0  # of train_overrides' epochs=1
+    # day 1's one-day window could spare no validation day: no choice was made
+    assert "valid_date" not in client.get_run(first.run_id).data.tags
     champion = str(client.get_model_version_by_alias("esmm-dag", "champion").version)
     assert champion == ("2" if second.tags["decision"] == "promoted" else "1")
 

@@ -191,6 +191,19 @@ def test_a_rebuild_waits_for_the_profiles_of_every_built_day(defaults):
     assert len(folders) == len(set(folders)) == 3 * 3 + 2 * 2
 
 
+def test_the_newest_days_of_the_window_choose_the_epoch_when_it_can_spare_them(resolved):
+    window = ["2026-01-05", "2026-01-06", "2026-01-07"]
+    assert s.split_window({**resolved, "valid_days": 1}, window) == (window[:2], window[2:])
+    assert s.split_window({**resolved, "valid_days": 2}, window) == (window[:1], window[1:])
+    assert s.split_window({**resolved, "valid_days": 0}, window) == (window, [])
+    assert s.split_window({**resolved, "valid_days": 3}, window) == (window, [])  # too short
+    with pytest.raises(ValueError, match="valid_days must be >= 0"):
+        s.split_window({**resolved, "valid_days": -1}, window)
+    command = s.train_command(resolved, window[:2], window[2:])
+    assert command[command.index("--valid-date") + 1] == "2026-01-07"
+    assert "--valid-date" not in s.train_command(resolved, window)
+
+
 def test_the_training_window_is_clipped_to_the_days_that_exist(defaults):
     resolved = resolve(
         {**defaults, "features_root": "/f", "label_delay_days": 0, "train_window_days": 3},
