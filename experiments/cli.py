@@ -28,10 +28,7 @@ from experiments.runner import (
     RunResult,
     RunSpec,
     close_parent,
-    fields_file,
-    file_digest,
     open_parent,
-    project_path,
     resolve_context,
     train_all,
 )
@@ -258,8 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_trainer_inputs(cfg: ExperimentConfig) -> None:
     """The train config, the experiment's trainer overrides and the field list they name are
     usable (:class:`ConfigError` otherwise), before any dataset or training starts."""
-    file_digest(project_path(cfg.train_config), "train_config")
-    file_digest(fields_file(cfg), "fields_config")
+    RunSpec("check", "esmm", 0, cfg.data).determinants(cfg)
 
 
 def error_line(exc: Exception) -> str:

@@ -113,7 +113,7 @@ def describe(stats: dict[str, Any]) -> str:
         ...                          "test_impressions_share": 0.4}}))
         train: 1000 impressions, 50 clicks (CTR 0.0500), 1 conversions (CVR|click 0.0200)
         test: 1000 impressions, 50 clicks (CTR 0.0500), 1 conversions (CVR|click 0.0200)
-        cold: 40.0% of test impressions have a item_id with < 5 training clicks
+        cold: 40.0% of test impressions are of an item_id with < 5 training clicks
     """
     lines = [
         f"{name}: {s['impressions']} impressions, {s['clicks']} clicks (CTR {s['ctr']:.4f}), "
@@ -123,7 +123,7 @@ def describe(stats: dict[str, Any]) -> str:
     ]
     cold = stats["cold"]
     lines.append(
-        f"cold: {100 * cold['test_impressions_share']:.1f}% of test impressions have a "
+        f"cold: {100 * cold['test_impressions_share']:.1f}% of test impressions are of an "
         f"{cold['item_field']} with < {cold['cold_clicks']} training clicks"
     )
     return "\n".join(lines)

@@ -6,8 +6,9 @@ python -m esmm.train``), with the command lines of :mod:`contract.commands`.
 
 Both are cached under the work dir: a dataset by :meth:`DataSpec.key`, a finished training by
 :meth:`RunSpec.key`, a digest of everything that determines the training (the data spec,
-variant, seed, the run's and the experiment's trainer overrides, the bytes of the train
-config and of the field list it names, the number of Horovod workers). A changed setting
+variant, seed, the run's and the experiment's trainer overrides, the contents of the train
+config and of the field list it names as their loaders read them (a comment or a reordering
+changes nothing, a value does), the number of Horovod workers). A changed setting
 therefore trains again, and two experiments that share a training (the paper table's ESMM
 and the task-weights default) share its key and train it once.
 """
@@ -27,6 +28,7 @@ from typing import Any
 
 from contract import commands
 from contract.config import ConfigError, load_config
+from contract.fields import FieldsConfig
 from experiments.config import DataSpec, ExperimentConfig
 
 __all__ = [
@@ -55,14 +57,20 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else commands.PROJECT_ROOT / path
 
 
-def file_digest(path: Path, what: str) -> str:
-    """SHA-256 of the file's bytes; a missing or unreadable file is a :class:`ConfigError`."""
+def config_digest(path: Path, model: type, what: str) -> str:
+    """SHA-256 of the config at ``path`` as ``model`` validates it (every key, defaults
+    included): what the trainer will read, not how the file spells it. A missing or invalid
+    file is a :class:`ConfigError` naming ``what``."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    content = load_config(path, model).model_dump_json()
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def _train_config_model() -> type:
+    from esmm.train import TrainConfig  # torch: imported only when a key is computed
+
+    return TrainConfig
 
 
 def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
@@ -100,8 +108,10 @@ class RunSpec:
             "seed": self.seed,
             "overrides": list(self.overrides),
             "train_overrides": list(cfg.train_overrides),
-            "train_config": file_digest(train_config, "train_config"),
-            "fields": file_digest(fields_file(cfg, self.overrides), "fields_config"),
+            "train_config": config_digest(train_config, _train_config_model(), "train_config"),
+            "fields": config_digest(
+                fields_file(cfg, self.overrides), FieldsConfig, "fields_config"
+            ),
             "np": cfg.np,
         }
 

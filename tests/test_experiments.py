@@ -174,9 +174,12 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
         ),
         "data": dataclasses.replace(spec, data=config.DataSpec(impressions_per_day=3000)).key(cfg),
     }
+    train_yaml.write_text(train_yaml.read_text() + "\n# a comment changes no training\n")
+    fields_yaml.write_text(fields_yaml.read_text().replace("fields:", "fields:  # same\n", 1))
+    assert spec.key(cfg) == key
     train_yaml.write_text(train_yaml.read_text().replace("\nepochs: 1 ", "\nepochs: 2 "))
     changed["train config contents"] = spec.key(cfg)
-    fields_yaml.write_text(fields_yaml.read_text() + "\n# edited\n")
+    fields_yaml.write_text(fields_yaml.read_text().replace("num_buckets: 8}", "num_buckets: 9}", 1))
     changed["field list contents"] = spec.key(cfg)
     assert key not in changed.values(), {k: v for k, v in changed.items() if v == key}
     assert len(set(changed.values())) == len(changed)
