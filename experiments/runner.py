@@ -77,10 +77,8 @@ def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
     """The field list the trainer reads: ``fields_config`` of the train config after the
     experiment's and the run's overrides (the driver passes no ``--fields``). Loading the
     train config here also validates it and the overrides before anything runs."""
-    from esmm.train import TrainConfig
-
     train_cfg = load_config(
-        project_path(cfg.train_config), TrainConfig, [*cfg.train_overrides, *overrides]
+        project_path(cfg.train_config), _train_config_model(), [*cfg.train_overrides, *overrides]
     )
     return project_path(train_cfg.fields_config)
 
