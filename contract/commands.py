@@ -35,6 +35,7 @@ __all__ = [
     "generate_logs_args",
     "horovodrun",
     "job_script",
+    "model_server",
     "pipeline_env",
     "promotion_args",
     "run_step",
@@ -126,6 +127,26 @@ def trainer(
 ) -> list[str]:
     """``horovodrun ... python -m esmm.train ARGS``."""
     return [*horovodrun(bin_dir, np, hosts), "-m", "esmm.train", *args]
+
+
+def model_server(
+    bin_dir: str | Path, model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1
+) -> list[str]:
+    """``mlflow models serve`` of a registered model in the pipeline's own environment
+    (``--env-manager local``: no conda or virtualenv is built), answering ``POST
+    /invocations`` on ``host:port`` (docs/OPERATIONS.md, "Online serving").
+
+    Example:
+        >>> model_server("/venv/bin", "models:/esmm@champion", port=8080)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['/venv/bin/mlflow', 'models', 'serve', '-m', 'models:/esmm@champion',
+         '--env-manager', 'local', '--host', '127.0.0.1', '--port', '8080', '--workers', '1']
+    """
+    return [
+        f"{bin_dir}/mlflow",
+        *("models", "serve", "-m", model_uri, "--env-manager", "local"),
+        *("--host", host, "--port", str(port), "--workers", str(workers)),
+    ]
 
 
 def gate(bin_dir: str | Path, args: Sequence[str]) -> list[str]:

@@ -89,6 +89,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
+    if error["type"] == "value_error" and isinstance(error.get("input"), dict):
+        # a validator of a whole section: its message names the keys; the section's every
+        # value would bury it
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

@@ -46,11 +46,17 @@ class ESMMPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
         import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from esmm.model_input import numpy_batch_to_tensors
+        from esmm.model_input import InputRowsError, check_rows, numpy_batch_to_tensors
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        batch = {name: frame[name].to_numpy() for name in (f.name for f in self.fields.fields)}
+        try:
+            batch = check_rows(frame, self.fields)
+        except InputRowsError as exc:
+            # a 400 from the scoring server, with this message; a clear error in batch jobs
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():
             outputs = self.model(numpy_batch_to_tensors(batch, self.fields))
         return pd.DataFrame(

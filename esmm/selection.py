@@ -62,11 +62,13 @@ class EpochRule:
         self.best_value = math.nan
         self.stale = 0
         self.history: list[float] = []
+        self.best_metrics: dict[str, float] = {}  # every validation metric of the kept epoch
         if state:
             self.best_epoch = state["best_epoch"]
             self.best_value = float(state["best_value"])
             self.stale = int(state["stale"])
             self.history = [float(v) for v in state["history"]]
+            self.best_metrics = {k: float(v) for k, v in state.get("best_metrics", {}).items()}
 
     def update(self, epoch: int, validation: Mapping[str, float]) -> bool:
         """Record epoch ``epoch``'s validation metrics; True when it becomes the kept epoch.
@@ -90,6 +92,7 @@ class EpochRule:
         )
         if better:
             self.best_epoch, self.best_value, self.stale = epoch, value, 0
+            self.best_metrics = {k: float(v) for k, v in validation.items()}
         else:
             self.stale += 1
         return better
@@ -106,6 +109,7 @@ class EpochRule:
             "best_value": self.best_value,
             "stale": self.stale,
             "history": list(self.history),
+            "best_metrics": dict(self.best_metrics),
         }
 
 

@@ -375,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                 kept_epoch = (epochs_trained - 1) if best_epoch is None else best_epoch
                 metrics["kept_epoch"] = float(kept_epoch + 1)
                 metrics["epochs_trained"] = float(epochs_trained)
+                # the kept epoch's validation metrics: what the choice (and any comparison
+                # of settings, experiments' memorisation) rests on, never the test day's
+                metrics.update(
+                    {f"kept_valid_{k}": v for k, v in rule.best_metrics.items() if k in KEPT}
+                )
                 tracker.log_epoch(kept_epoch, metrics)
                 print(
                     f"kept epoch {kept_epoch + 1} of {epochs_trained} (best validation "
@@ -407,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 HEADLINE = ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_space_cvr_auc")
+# validation metrics of the kept epoch that the final metrics carry as kept_valid_<name>
+KEPT = (*HEADLINE, "ctr_logloss", "cvr_logloss", "ctcvr_logloss")
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], prefix: str, kept: bool) -> str:

@@ -21,22 +21,28 @@ from pathlib import Path
 from contract import commands
 from contract.config import ConfigError, add_override_argument
 from esmm.losses import TaskWeights
-from experiments.config import ExperimentConfig, load_experiment_config
-from experiments.plots import plot_bias_sweep, plot_comparison, plot_ieb_deciles
+from experiments.config import DataSpec, ExperimentConfig, load_experiment_config
+from experiments.plots import plot_bias_sweep, plot_comparison, plot_ieb_deciles, plot_map
 from experiments.runner import (
     Context,
     RunResult,
     RunSpec,
     close_parent,
+    kept_dataset_stats,
     open_parent,
+    prepare_dataset,
     resolve_context,
     train_all,
 )
 from experiments.tables import (
     Table,
     bias_sweep_table,
+    ceiling_table,
     comparison_table,
+    dataset_table,
     ieb_decile_table,
+    map_table,
+    memorisation_table,
     ranking_table,
 )
 
@@ -55,12 +61,21 @@ class Outcome:
     runs: list[RunResult]
 
 
+REFERENCE_LABEL = "esmm (torch-rechub)"
+
+
 def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
-    return [
+    specs = [
         RunSpec(variant, variant, seed, cfg.data)
         for variant in cfg.paper_table.variants
         for seed in cfg.seeds
     ]
+    if cfg.paper_table.torch_rechub:
+        specs += [
+            RunSpec(REFERENCE_LABEL, "esmm", seed, cfg.data, implementation="torch-rechub")
+            for seed in cfg.seeds
+        ]
+    return specs
 
 
 def cmd_paper_table(ctx: Context, parent: str, out: Path) -> Outcome:
@@ -165,13 +180,118 @@ def cmd_bias_sweep(ctx: Context, parent: str, out: Path) -> Outcome:
     return Outcome([table], files, [r for rs in by_bias.values() for r in rs])
 
 
+def _section(ctx: Context, name: str):
+    """The config section ``name`` of a sub-command that needs one (ConfigError if unset)."""
+    section = getattr(ctx.cfg, name)
+    if section is None:
+        raise ConfigError(f"{name}: the experiment config has no '{name}' section")
+    return section
+
+
+def _level_note(ctx: Context, spec: DataSpec) -> str:
+    """The data of a map cell in a few words, from its kept dataset statistics."""
+    stats = kept_dataset_stats(ctx, spec)
+    if stats is None:
+        return spec.preset
+    test = stats["test"]
+    return (
+        f"{spec.preset}: {100 * stats['cold']['test_impressions_share']:.0f}% cold, "
+        f"CVR|click {100 * test['cvr_given_click']:.1f}%, {test['conversions']} test conv."
+    )
+
+
+def cmd_map(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    grid = _section(ctx, "map")
+    cells: dict[tuple[str, float], list[RunResult]] = {}
+    notes: dict[tuple[str, float], str] = {}
+    for level in grid.levels:
+        for bias in grid.biases:
+            data = cfg.dataset(level).model_copy(update={"selection_bias": bias})
+            specs = [
+                RunSpec(variant, variant, seed, data)
+                for variant in grid.variants
+                for seed in cfg.seeds_for(grid.seeds)
+            ]
+            cells[(level, bias)] = train_all(ctx, specs, parent)
+            notes[(level, bias)] = _level_note(ctx, data)
+    table = map_table(cells, grid.variants, grid.reference, notes)
+    files = table.write(out)
+    files.append(plot_map(table, grid.variants, grid.reference, out / "map.png"))
+    return Outcome([table], files, [r for rs in cells.values() for r in rs])
+
+
+def cmd_memorisation(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    section = _section(ctx, "memorisation")
+    names = section.datasets or ["data"]
+    by_dataset: dict[str, list[RunResult]] = {}
+    for name in names:
+        data = cfg.dataset(name) if section.datasets else cfg.data
+        specs = [
+            RunSpec(setting.label, variant, seed, data, tuple(setting.sets))
+            for setting in section.settings
+            for variant in section.variants
+            for seed in cfg.seeds_for(section.seeds)
+        ]
+        by_dataset[name] = train_all(ctx, specs, parent, day="valid")
+    table = memorisation_table(by_dataset, section.variants, section.settings[0].label)
+    return Outcome([table], table.write(out), [r for rs in by_dataset.values() for r in rs])
+
+
+def preset_volume(preset: str) -> int:
+    """The impressions a day of a simulator preset (``conf/simulator.yaml``)."""
+    from contract.config import load_config
+    from features.config import SimulatorConfig
+
+    config = load_config(commands.PROJECT_ROOT / "conf" / "simulator.yaml", SimulatorConfig)
+    try:
+        return config.preset(preset).impressions_per_day
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+
+
+def cmd_ceiling(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    section = _section(ctx, "ceiling")
+    data = cfg.dataset(section.dataset) if section.dataset else cfg.data
+    volume = data.impressions_per_day or preset_volume(data.preset)
+    scaled = data.model_copy(update={"impressions_per_day": volume * section.factor})
+    seeds = cfg.seeds_for(section.seeds)
+    base = train_all(ctx, [RunSpec(v, v, s, data) for v in section.variants for s in seeds], parent)
+    more = train_all(
+        ctx, [RunSpec(v, v, s, scaled) for v in section.variants for s in seeds], parent
+    )
+    table = ceiling_table(base, more, section.variants, section.factor)
+    return Outcome([table], table.write(out), [*base, *more])
+
+
+def cmd_datasets(ctx: Context, parent: str, out: Path) -> Outcome:
+    cfg = ctx.cfg
+    specs = {"data": cfg.data, **{name: cfg.dataset(name) for name in cfg.datasets}}
+    stats = {}
+    for name, spec in specs.items():
+        if not ctx.offline:
+            prepare_dataset(ctx, spec)
+        stats[name] = (spec, kept_dataset_stats(ctx, spec))
+    table = dataset_table(stats)
+    return Outcome([table], table.write(out), [])
+
+
 COMMANDS: dict[str, Callable[[Context, str, Path], Outcome]] = {
     "paper-table": cmd_paper_table,
     "task-weights": cmd_task_weights,
     "stop-gradient": cmd_stop_gradient,
     "ranking": cmd_ranking,
     "bias-sweep": cmd_bias_sweep,
+    "memorisation": cmd_memorisation,
+    "map": cmd_map,
+    "ceiling": cmd_ceiling,
+    "datasets": cmd_datasets,
 }
+# what `all` runs: the paper's comparison and its open questions (map and memorisation are
+# long grids of their own, datasets a look at the data)
+ALL = ("paper-table", "task-weights", "stop-gradient", "ranking", "bias-sweep")
 
 DESCRIPTIONS = {
     "paper-table": "every variant x every seed on one time-split dataset: the paper's Table 2 "
@@ -186,7 +306,19 @@ DESCRIPTIONS = {
     "CVR AUC (open question 3), from the paper-table runs",
     "bias-sweep": "BASE and ESMM on datasets simulated with increasing selection bias: how "
     "the ESMM - BASE gap moves with the bias (plot)",
-    "all": "the five above, under one MLflow parent run, plus report.md",
+    "memorisation": "remedies of id memorisation (embedding L2, a lower sparse learning rate, "
+    "id admission, tower dropout) against the current defaults, per variant, judged on the "
+    "validation day only: which to keep as the trainer's defaults",
+    "map": "when ESMM helps: every variant's CVR AUC gain over BASE (clicked and entire "
+    "space, ± standard error over seeds) on a grid of sparsity levels x selection-bias "
+    "values, as a table and a heatmap; --set 'map.levels=[sparse]' runs one level at a time",
+    "ceiling": "the learnable ceiling: the same trainings on factor x the impressions a day "
+    "(same preset, population, days), and the share of the gap to the oracle that the extra "
+    "data closes: what is data-limited and what is model-limited",
+    "datasets": "build the configured datasets (data and every named one) and tabulate "
+    "their sizes, positives, the precision their test split allows and their cold share",
+    "all": "paper-table, task-weights, stop-gradient, ranking and bias-sweep under one MLflow "
+    "parent run, plus report.md",
 }
 
 ABOUT = (
@@ -277,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrackingError) as exc:
         print(error_line(exc), file=sys.stderr)
         return EXIT_USAGE
-    names = list(COMMANDS) if args.command == "all" else [args.command]
+    names = list(ALL) if args.command == "all" else [args.command]
     params = flatten(cfg.model_dump(mode="json"))
     params["command"] = args.command
     params["quick"] = str(args.quick)

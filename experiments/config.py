@@ -13,10 +13,10 @@ import hashlib
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from contract.config import StrictModel, load_config
 from esmm.losses import TaskWeights
@@ -25,8 +25,12 @@ from esmm.model import Variant
 __all__ = [
     "PAPER_VARIANTS",
     "BiasSweepConfig",
+    "CeilingConfig",
     "DataSpec",
     "ExperimentConfig",
+    "MapConfig",
+    "MemorisationConfig",
+    "MemorisationSetting",
     "PaperTableConfig",
     "StopGradientConfig",
     "TaskWeightsConfig",
@@ -87,6 +91,8 @@ class DataSpec(StrictModel):
 
 class PaperTableConfig(StrictModel):
     variants: list[Variant] = Field(default_factory=lambda: [*PAPER_VARIANTS])
+    # a row of torch-rechub's ESMM (experiments/reference.py) on the same data and protocol
+    torch_rechub: bool = False
 
 
 class TaskWeightsConfig(StrictModel):
@@ -102,6 +108,54 @@ class StopGradientConfig(StrictModel):
 class BiasSweepConfig(StrictModel):
     values: list[float] = Field(min_length=2)
     variants: list[Variant] = Field(default_factory=lambda: ["base", "esmm"])
+    seeds: int | None = Field(default=None, ge=1)
+
+
+class MapConfig(StrictModel):
+    """The map of when ESMM helps: every ``variant − reference`` gap over a grid of
+    selection-bias values × sparsity levels (names in ``datasets``)."""
+
+    biases: list[float] = Field(min_length=1)
+    levels: list[str] = Field(min_length=1, description="dataset names, densest first")
+    variants: list[Variant] = Field(default_factory=lambda: ["base", "esmm", "escm2_dr"])
+    reference: Variant = "base"
+    seeds: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _reference_is_trained(self) -> MapConfig:
+        if self.reference not in self.variants:
+            raise ValueError(f"reference '{self.reference}' is not one of variants")
+        if len(self.variants) < 2:
+            raise ValueError("needs the reference and at least one other variant")
+        return self
+
+
+class MemorisationSetting(StrictModel):
+    """One remedy: a label and the trainer overrides (``--set``) that turn it on."""
+
+    label: str
+    sets: list[str] = Field(default_factory=list)
+
+
+class MemorisationConfig(StrictModel):
+    """Remedies of id memorisation compared on the validation day only (the kept epoch's
+    ``kept_valid_*`` metrics); the first setting is the reference (the current defaults)."""
+
+    settings: list[MemorisationSetting] = Field(min_length=2)
+    variants: list[Variant] = Field(default_factory=lambda: ["base", "esmm"])
+    datasets: list[str] = Field(
+        default_factory=list, description="dataset names; empty = the experiment's data"
+    )
+    seeds: int | None = Field(default=None, ge=1)
+
+
+class CeilingConfig(StrictModel):
+    """The learnable ceiling: the same training on ``factor`` × the impressions a day (the
+    same preset, population and days), against the oracle's AUCs."""
+
+    dataset: str | None = Field(default=None, description="a name in datasets; null = data")
+    factor: int = Field(default=10, ge=2)
+    variants: list[Variant] = Field(default_factory=lambda: ["esmm"])
     seeds: int | None = Field(default=None, ge=1)
 
 
@@ -125,10 +179,58 @@ class ExperimentConfig(StrictModel):
     task_weights: TaskWeightsConfig
     stop_gradient: StopGradientConfig = Field(default_factory=StopGradientConfig)
     bias_sweep: BiasSweepConfig
+    # Named datasets: each a partial DataSpec laid over ``data`` (e.g. {preset: sparse}).
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    map: MapConfig | None = None
+    memorisation: MemorisationConfig | None = None
+    ceiling: CeilingConfig | None = None
     quick: list[str] = Field(default_factory=list)
 
     def seeds_for(self, count: int | None) -> list[int]:
         return self.seeds if count is None else self.seeds[:count]
+
+    def dataset(self, name: str) -> DataSpec:
+        """The dataset ``name``: ``data`` with that entry's keys replaced.
+
+        Example:
+            >>> cfg = ExperimentConfig(seeds=[1], task_weights={"settings": [{}]},
+            ...     bias_sweep={"values": [0, 1]}, datasets={"sparse": {"preset": "sparse"}})
+            >>> cfg.dataset("sparse").preset, cfg.dataset("sparse").train_days
+            ('sparse', 3)
+        """
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise KeyError(f"no dataset '{name}' in datasets (known: {known})")
+        return DataSpec.model_validate({**self.data.model_dump(), **self.datasets[name]})
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets_are_data_specs(
+        cls, datasets: dict[str, dict[str, Any]], info: ValidationInfo
+    ) -> dict[str, dict[str, Any]]:
+        data = info.data.get("data") or DataSpec()
+        for name, fields in datasets.items():
+            try:
+                DataSpec.model_validate({**data.model_dump(), **fields})
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+                )
+                raise ValueError(f"{name}: {problems}") from None
+        return datasets
+
+    @model_validator(mode="after")
+    def _named_datasets_exist(self) -> ExperimentConfig:
+        named = [*(self.map.levels if self.map else [])]
+        named += self.memorisation.datasets if self.memorisation else []
+        named += [self.ceiling.dataset] if self.ceiling and self.ceiling.dataset else []
+        unknown = sorted({name for name in named if name not in self.datasets})
+        if unknown:
+            raise ValueError(
+                f"unknown dataset(s) {', '.join(unknown)}; known: "
+                + (", ".join(sorted(self.datasets)) or "none")
+            )
+        return self
 
 
 def load_experiment_config(

@@ -19,7 +19,24 @@ from contract.dates import parse_partitions
 from contract.layout import as_url, partition_dir
 from contract.schema import CLICK, CONVERSION
 
-__all__ = ["dataset_stats", "describe"]
+__all__ = ["auc_standard_error", "dataset_stats", "describe"]
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil's (1982) standard error of an AUC estimated from ``positives`` and
+    ``negatives``: how precisely a test split can measure a model at that AUC.
+
+    Example:
+        >>> round(auc_standard_error(0.7, 850, 30000), 4)
+        0.0102
+    """
+    if positives < 1 or negatives < 1:
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives
+    )
+    return float(np.sqrt(var))
 
 
 def _read(features: str, partitions: Sequence[str], columns: list[str]) -> dict[str, np.ndarray]:
@@ -45,6 +62,8 @@ def _split(labels: dict[str, np.ndarray], partitions: Sequence[str]) -> dict[str
         "conversions": conversions,
         "ctr": clicks / impressions if impressions else float("nan"),
         "cvr_given_click": conversions / clicks if clicks else float("nan"),
+        # how precisely this split measures a clicked CVR AUC of 0.70
+        "cvr_auc_se_at_0.7": auc_standard_error(0.7, conversions, clicks - conversions),
     }
 
 
@@ -118,6 +137,12 @@ def describe(stats: dict[str, Any]) -> str:
     lines = [
         f"{name}: {s['impressions']} impressions, {s['clicks']} clicks (CTR {s['ctr']:.4f}), "
         f"{s['conversions']} conversions (CVR|click {s['cvr_given_click']:.4f})"
+        + (
+            f"; a clicked CVR AUC of 0.70 has a standard error of "
+            f"{100 * s['cvr_auc_se_at_0.7']:.2f} points here"
+            if name == "test" and "cvr_auc_se_at_0.7" in s
+            else ""
+        )
         for name, s in stats.items()
         if name != "cold"
     ]

@@ -3,7 +3,8 @@
 :func:`plot_comparison` (grouped bars of the compared AUCs with the oracle's ceilings),
 :func:`plot_ieb_deciles` (pCVR's estimation bias by pCTR decile) and
 :func:`plot_bias_sweep` (the gap of the last variant over the first as the selection bias
-grows). matplotlib is imported only when a plot is drawn.
+grows) and :func:`plot_map` (heatmaps of each method's gain by sparsity × selection bias).
+matplotlib is imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from experiments.tables import COMPARED, ORACLE, Table, group, stat
 if TYPE_CHECKING:
     from experiments.runner import RunResult
 
-__all__ = ["plot_bias_sweep", "plot_comparison", "plot_ieb_deciles"]
+__all__ = ["plot_bias_sweep", "plot_comparison", "plot_ieb_deciles", "plot_map"]
 
 
 def _pyplot():
@@ -106,6 +107,54 @@ def plot_bias_sweep(table: Table, variants: list[str], path: Path) -> Path:
     ax.set_title(f"{variants[-1]}'s gain over {variants[0]} as selection bias grows")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_map(table: Table, variants: Sequence[str], reference: str, path: Path) -> Path:
+    """Heatmaps of :func:`experiments.tables.map_table`: one panel per (method, CVR AUC on
+    clicked / entire space), sparsity levels down, selection bias across; each cell is
+    coloured by its gap (red: the method loses to the reference) and reads "gap ± se"."""
+    from experiments.tables import MAP_METRICS
+
+    plt = _pyplot()
+    others = [v for v in variants if v != reference]
+    levels = list(dict.fromkeys(row[0] for row in table.csv_rows))
+    biases = sorted({row[1] for row in table.csv_rows})
+    column = {name: i for i, name in enumerate(table.csv_header)}
+    panels = [(v, m, where) for v in others for m, where in MAP_METRICS]
+    grids = []
+    for v, metric, _ in panels:
+        gap = np.full((len(levels), len(biases)), np.nan)
+        err = np.full_like(gap, np.nan)
+        for row in table.csv_rows:
+            i, j = levels.index(row[0]), biases.index(row[1])
+            gap[i, j] = 100 * row[column[f"{v}_minus_{reference}_{metric}"]]
+            err[i, j] = 100 * row[column[f"{v}_minus_{reference}_{metric}_stderr"]]
+        grids.append((gap, err))
+    finite = [abs(x) for g, _ in grids for x in g.ravel() if not math.isnan(x)]
+    limit = max(finite, default=1.0) or 1.0
+    cols = len(MAP_METRICS)
+    fig, axes = plt.subplots(
+        len(others),
+        cols,
+        figsize=(4.2 * cols, 0.9 + 1.2 * len(levels) * len(others)),
+        squeeze=False,
+    )
+    for (v, _, where), (gap, err), ax in zip(panels, grids, axes.ravel(), strict=True):
+        image = ax.imshow(gap, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        for i in range(len(levels)):
+            for j in range(len(biases)):
+                text = "n/a" if math.isnan(gap[i, j]) else f"{gap[i, j]:+.2f}\n± {err[i, j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(biases)), [f"{b:g}" for b in biases])
+        ax.set_yticks(range(len(levels)), levels)
+        ax.set_xlabel("selection bias")
+        ax.set_title(f"{v} − {reference}, CVR AUC ({where})", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="AUC points")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

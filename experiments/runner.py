@@ -39,6 +39,7 @@ __all__ = [
     "RunSpec",
     "close_parent",
     "fields_file",
+    "kept_dataset_stats",
     "open_parent",
     "prepare_dataset",
     "resolve_context",
@@ -95,11 +96,19 @@ class RunSpec:
     seed: int
     data: DataSpec
     overrides: tuple[str, ...] = ()
+    # who trains it: the project's trainer, or torch-rechub's ESMM (experiments/reference.py)
+    implementation: str = "esmm"
 
     def determinants(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Everything that determines this training under ``cfg`` (see the module docstring);
         raises :class:`ConfigError` when the train config or its field list cannot be read."""
         train_config = project_path(cfg.train_config)
+        # the reference implementation is one process, whatever np says
+        implementation = (
+            {}
+            if self.implementation == "esmm"
+            else {"implementation": self.implementation, "np": 1}
+        )
         return {
             "data": self.data.model_dump(mode="json"),
             "variant": self.variant,
@@ -111,6 +120,7 @@ class RunSpec:
                 fields_file(cfg, self.overrides), FieldsConfig, "fields_config"
             ),
             "np": cfg.np,
+            **implementation,
         }
 
     def key(self, cfg: ExperimentConfig) -> str:
@@ -229,6 +239,12 @@ def _keep_dataset_stats(ctx: Context, key: str, paths: DatasetPaths) -> None:
     print(f"dataset {key}:\n{describe(stats)}", file=sys.stderr, flush=True)
 
 
+def kept_dataset_stats(ctx: Context, spec: DataSpec) -> dict[str, Any] | None:
+    """The statistics kept for dataset ``spec`` (see :func:`prepare_dataset`), None if none."""
+    path = runs_dir(ctx) / "datasets" / f"{spec.key()}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class MissingRun(ConfigError):
     """``--offline`` and a training has no summary yet."""
 
@@ -267,23 +283,26 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
         *ctx.cfg.train_overrides,
         *spec.overrides,
     ]
-    command = commands.trainer(
-        commands.BIN,
-        ctx.cfg.np,
-        commands.train_args(
-            ctx.cfg.train_config,
-            data.features,
-            data.train_dates,
-            data.eval_dates,
-            valid_date=data.valid_dates,
-            oracle=data.oracle,
-            checkpoint_dir=checkpoints,
-            run_name=f"{spec.label} seed {spec.seed}",
-            summary_json=summary_path.with_suffix(".trainer.json"),
-            no_progress=True,
-            sets=overrides,
-        ),
-    )
+    if spec.implementation == "torch-rechub":
+        command = reference_command(ctx, spec, data, parent_run_id, summary_path, overrides)
+    else:
+        command = commands.trainer(
+            commands.BIN,
+            ctx.cfg.np,
+            commands.train_args(
+                ctx.cfg.train_config,
+                data.features,
+                data.train_dates,
+                data.eval_dates,
+                valid_date=data.valid_dates,
+                oracle=data.oracle,
+                checkpoint_dir=checkpoints,
+                run_name=f"{spec.label} seed {spec.seed}",
+                summary_json=summary_path.with_suffix(".trainer.json"),
+                no_progress=True,
+                sets=overrides,
+            ),
+        )
     seconds = commands.run_step(
         f"train {spec.label} seed {spec.seed}",
         command,
@@ -306,24 +325,65 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
     return RunResult(spec, summary["run_id"], _metrics(summary), seconds)
 
 
+def reference_command(
+    ctx: Context,
+    spec: RunSpec,
+    data: DatasetPaths,
+    parent_run_id: str | None,
+    summary_path: Path,
+    overrides: Sequence[str],
+) -> list[str]:
+    """The command line of torch-rechub's ESMM on the dataset (experiments/reference.py):
+    the same train config and overrides (sizes, epochs, seed, the selection rule)."""
+    if data.valid_dates is None:
+        raise ConfigError("the torch-rechub reference needs a validation day (data.valid_days)")
+    command = [
+        str(commands.BIN / "python"),
+        "-m",
+        "experiments.reference",
+        *("--config", str(ctx.cfg.train_config), "--features", data.features),
+        *("--train-dates", data.train_dates, "--valid-date", data.valid_dates),
+        *("--eval-date", data.eval_dates),
+        *("--summary-json", str(summary_path.with_suffix(".trainer.json"))),
+        *("--run-name", f"{spec.label} seed {spec.seed}"),
+    ]
+    if data.oracle:
+        command += ["--oracle", data.oracle]
+    if parent_run_id:
+        command += ["--parent-run-id", parent_run_id]
+    return command + [part for item in overrides for part in ("--set", item)]
+
+
 def _metrics(summary: dict) -> dict[str, float]:
     return {k: (math.nan if v is None else float(v)) for k, v in summary["metrics"].items()}
 
 
-def train_all(ctx: Context, specs: Sequence[RunSpec], parent_run_id: str) -> list[RunResult]:
-    """Train ``specs`` in order with a progress bar and one line per finished run."""
+def train_all(
+    ctx: Context, specs: Sequence[RunSpec], parent_run_id: str, day: str = "test"
+) -> list[RunResult]:
+    """Train ``specs`` in order with a progress bar and one line per finished run, showing
+    the test day's AUCs, or with ``day="valid"`` the kept epoch's validation AUCs (where a
+    choice is being made, the test day is not shown)."""
     from tqdm import tqdm
 
+    prefix = "kept_valid_" if day == "valid" else ""
     results = []
     with tqdm(total=len(specs), desc="trainings", unit="run", file=sys.stderr) as bar:
         for spec in specs:
             result = train(ctx, spec, parent_run_id)
             results.append(result)
             m = result.metrics
+            name = spec.label if spec.label == spec.variant else f"{spec.variant} {spec.label}"
+            shown = " ".join(
+                f"{day}_{short}={m.get(prefix + metric, math.nan):.4f}"
+                for metric, short in (
+                    ("cvr_auc", "cvr_auc"),
+                    ("ctcvr_auc", "ctcvr_auc"),
+                    ("entire_space_cvr_auc", "es_cvr_auc"),
+                )
+            )
             bar.write(
-                f"{spec.label:<28} seed {spec.seed:<3} cvr_auc={m.get('cvr_auc', math.nan):.4f} "
-                f"ctcvr_auc={m.get('ctcvr_auc', math.nan):.4f} "
-                f"es_cvr_auc={m.get('entire_space_cvr_auc', math.nan):.4f} "
+                f"{name:<32} seed {spec.seed:<3} {shown} "
                 + ("(cached)" if result.cached else f"({result.seconds:.0f}s)"),
                 file=sys.stderr,
             )

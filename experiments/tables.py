@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from experiments.datasets import auc_standard_error
+
 if TYPE_CHECKING:
     from experiments.runner import RunResult
 
@@ -29,15 +31,19 @@ __all__ = [
     "ORACLE",
     "Table",
     "bias_sweep_table",
+    "ceiling_table",
     "comparison_table",
     "fmt_auc",
     "fmt_gain",
+    "fmt_gap",
     "fmt_ratio",
     "gap_with_error",
     "group",
     "ieb_decile_table",
     "kendall_tau",
+    "map_table",
     "mean_std",
+    "memorisation_table",
     "ranking_table",
     "stat",
 ]
@@ -348,3 +354,260 @@ def gap_with_error(
     for std, n in ((s_base, len(base)), (s_other, len(other))):
         var += (std**2 / n) if not math.isnan(std) else 0.0
     return m_other - m_base, math.sqrt(var)
+
+
+def fmt_gap(gap: float, err: float) -> str:
+    """A gap in points with its standard error: ``+0.52 ± 0.21`` (``n/a`` without runs).
+
+    Example:
+        >>> fmt_gap(0.0052, 0.0021), fmt_gap(float("nan"), float("nan"))
+        ('+0.52 ± 0.21', 'n/a')
+    """
+    if math.isnan(gap):
+        return "n/a"
+    return f"{100 * gap:+.2f}" + ("" if math.isnan(err) else f" ± {100 * err:.2f}")
+
+
+MAP_METRICS = (("cvr_auc", "clicked"), ("entire_space_cvr_auc", "entire space"))
+
+
+def map_table(
+    cells: dict[tuple[str, float], list[RunResult]],
+    variants: Sequence[str],
+    reference: str,
+    notes: dict[tuple[str, float], str] | None = None,
+) -> Table:
+    """One row per (sparsity level, selection bias) cell: every ``variant − reference`` gap
+    of CVR AUC on clicked impressions and on the entire space, each ± its standard error
+    over seeds, the reference's own AUCs and the mean kept epochs.
+
+    ``cells`` maps ``(level, bias)`` to that cell's results (labels = variants), in the
+    order the rows should appear. ``notes`` describes each cell's data in a column."""
+    others = [v for v in variants if v != reference]
+    header = ["sparsity level", "data", "selection bias", "seeds"]
+    header += [f"{reference} CVR AUC ({where})" for _, where in MAP_METRICS]
+    header += [f"{v} − {reference} ({where})" for v in others for _, where in MAP_METRICS]
+    header.append("kept epoch (" + ", ".join(variants) + ")")
+    csv_header = ["level", "selection_bias", "seeds"]
+    csv_header += [f"{reference}_{m}" for m, _ in MAP_METRICS]
+    for v in others:
+        for m, _ in MAP_METRICS:
+            csv_header += [f"{v}_minus_{reference}_{m}", f"{v}_minus_{reference}_{m}_stderr"]
+    rows, csv_rows = [], []
+    for (level, bias), results in cells.items():
+        grouped = group(results)
+        ref = grouped.get(reference, [])
+        seeds = min((len(grouped.get(v, [])) for v in variants), default=0)
+        row = [level, (notes or {}).get((level, bias), ""), f"{bias:g}", str(seeds)]
+        csv_row: list[Any] = [level, bias, seeds]
+        for metric, _ in MAP_METRICS:
+            row.append(fmt_auc(*stat(ref, metric)))
+            csv_row.append(stat(ref, metric)[0])
+        for v in others:
+            for metric, _ in MAP_METRICS:
+                gap, err = gap_with_error(ref, grouped.get(v, []), metric)
+                row.append(fmt_gap(gap, err))
+                csv_row += [gap, err]
+        row.append(", ".join(fmt_epoch(*stat(grouped.get(v, []), "kept_epoch")) for v in variants))
+        rows.append(row)
+        csv_rows.append(csv_row)
+    return Table(
+        "map",
+        f"When does it help? Each method's CVR AUC gain over {reference}, by sparsity and "
+        "selection bias",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        [
+            "Gaps in AUC points, difference of the seed means ± its standard error "
+            "(sqrt(s_a²/n_a + s_b²/n_b)); every run keeps its best epoch on the validation "
+            "day and is scored once on the test day(s).",
+        ],
+    )
+
+
+MEMORISATION_METRICS = (
+    ("kept_valid_cvr_auc", "valid CVR AUC (clicked)"),
+    ("kept_valid_ctr_auc", "valid CTR AUC"),
+)
+
+
+def memorisation_table(
+    results_by_dataset: dict[str, list[RunResult]], variants: Sequence[str], reference: str
+) -> Table:
+    """Per dataset and setting (labels): each variant's kept-epoch VALIDATION metrics, the
+    gain over the ``reference`` setting ± its standard error, and the kept epoch. Test-day
+    metrics are deliberately absent: these choose defaults."""
+    header = ["dataset", "setting"]
+    csv_header = ["dataset", "setting", "variant", "seeds"]
+    for v in variants:
+        for _, title in MEMORISATION_METRICS:
+            header += [f"{v} {title}", "gain"]
+        header.append(f"{v} kept epoch")
+    for metric, _ in MEMORISATION_METRICS:
+        csv_header += [f"{metric}_mean", f"{metric}_std", f"{metric}_gain", f"{metric}_gain_se"]
+    csv_header.append("kept_epoch_mean")
+    rows, csv_rows = [], []
+    for dataset, results in results_by_dataset.items():
+        by_label: dict[str, dict[str, list[RunResult]]] = {}
+        for r in results:
+            by_label.setdefault(r.spec.label, {}).setdefault(r.spec.variant, []).append(r)
+        ref = by_label.get(reference, {})
+        for label, by_variant in by_label.items():
+            row = [dataset, label]
+            for v in variants:
+                runs = by_variant.get(v, [])
+                csv_row: list[Any] = [dataset, label, v, len(runs)]
+                for metric, _ in MEMORISATION_METRICS:
+                    row.append(fmt_auc(*stat(runs, metric)))
+                    gap, err = gap_with_error(ref.get(v, []), runs, metric)
+                    row.append("-" if label == reference else fmt_gap(gap, err))
+                    csv_row += [*stat(runs, metric), gap, err]
+                row.append(fmt_epoch(*stat(runs, "kept_epoch")))
+                csv_row.append(stat(runs, "kept_epoch")[0])
+                csv_rows.append(csv_row)
+            rows.append(row)
+    return Table(
+        "memorisation",
+        "Remedies of id memorisation, judged on the validation day only",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        [
+            f"Metrics of each run's kept epoch on the validation day (mean ± std over seeds); "
+            f"gain = setting − `{reference}` ± its standard error, in points. The test day "
+            "is not shown: this table chooses the trainer's defaults, and a default is kept "
+            "only when it raises the validation CVR AUC of every variant by more than its "
+            "standard error.",
+        ],
+    )
+
+
+def dataset_table(stats: dict[str, tuple[Any, dict[str, Any] | None]]) -> Table:
+    """One row per named dataset: its spec in brief, the sizes and positives of its splits,
+    how precisely its test split measures a clicked CVR AUC and its cold share. ``stats``
+    maps a name to ``(DataSpec, kept statistics or None)``."""
+    header = [
+        "dataset",
+        "preset, bias",
+        "train impressions",
+        "CTR",
+        "CVR given click",
+        "train conversions",
+        "valid conversions",
+        "test conversions",
+        "test clicked CVR AUC s.e. (at 0.70)",
+        "cold test impressions (item < 5 train clicks)",
+    ]
+    csv_header = [
+        "dataset",
+        "key",
+        "train_impressions",
+        "ctr",
+        "cvr_given_click",
+        "train_conversions",
+        "valid_conversions",
+        "test_conversions",
+        "test_cvr_auc_se_at_0.7",
+        "cold_share",
+    ]
+    rows, csv_rows = [], []
+    for name, (spec, st) in stats.items():
+        if st is None:
+            rows.append([name, f"{spec.preset}, {spec.selection_bias:g}", *["n/a"] * 8])
+            csv_rows.append([name, spec.key(), *[math.nan] * 8])
+            continue
+        train, test = st["train"], st["test"]
+        valid = st.get("valid", {})
+        se = test.get("cvr_auc_se_at_0.7")
+        if se is None:  # statistics kept before the field existed: the same formula
+            se = auc_standard_error(0.7, test["conversions"], test["clicks"] - test["conversions"])
+        cold = st["cold"]["test_impressions_share"]
+        rows.append(
+            [
+                name,
+                f"{spec.preset}, {spec.selection_bias:g}",
+                str(train["impressions"]),
+                f"{100 * train['ctr']:.2f}%",
+                f"{100 * train['cvr_given_click']:.2f}%",
+                str(train["conversions"]),
+                str(valid.get("conversions", "-")),
+                str(test["conversions"]),
+                "n/a" if math.isnan(se) else f"{100 * se:.2f} points",
+                f"{100 * cold:.1f}%",
+            ]
+        )
+        csv_rows.append(
+            [
+                name,
+                spec.key(),
+                train["impressions"],
+                train["ctr"],
+                train["cvr_given_click"],
+                train["conversions"],
+                valid.get("conversions", math.nan),
+                test["conversions"],
+                se,
+                cold,
+            ]
+        )
+    return Table(
+        "datasets",
+        "The datasets: sizes, positives, precision and cold tail",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        [
+            "CTR and CVR given click are the training days'. The s.e. is Hanley & McNeil's "
+            "standard error of a clicked CVR AUC of 0.70 on the test split's clicks: the "
+            "precision with which one model can be measured there.",
+        ],
+    )
+
+
+def ceiling_table(
+    base: Sequence[RunResult], scaled: Sequence[RunResult], variants: Sequence[str], factor: int
+) -> Table:
+    """Per variant: CVR AUC (clicked, entire space) on the dataset and on ``factor`` × its
+    data, the oracle's AUC and the share of the gap to the oracle that the data closes."""
+    header = ["model"]
+    csv_header = ["model"]
+    for _, where in MAP_METRICS:
+        header += [f"1x ({where})", f"{factor}x", "oracle", "gap closed"]
+        csv_header += [f"{where}_1x", f"{where}_{factor}x", f"{where}_oracle", f"{where}_closed"]
+    by_base, by_scaled = group(base), group(scaled)
+    rows, csv_rows = [], []
+    oracle_of = {"cvr_auc": "oracle_cvr_auc", "entire_space_cvr_auc": "oracle_entire_space_cvr_auc"}
+    for v in variants:
+        row, csv_row = [v], [v]
+        for metric, _ in MAP_METRICS:
+            one, one_std = stat(by_base.get(v, []), metric)
+            many, many_std = stat(by_scaled.get(v, []), metric)
+            oracle = stat(by_scaled.get(v, []), oracle_of[metric])[0]
+            closed = (many - one) / (oracle - one) if oracle - one > 0 else math.nan
+            row += [
+                fmt_auc(one, one_std),
+                fmt_auc(many, many_std),
+                fmt_auc(oracle, math.nan),
+                "n/a" if math.isnan(closed) else f"{100 * closed:.0f}%",
+            ]
+            csv_row += [one, many, oracle, closed]
+        rows.append(row)
+        csv_rows.append(csv_row)
+    return Table(
+        "ceiling",
+        f"The learnable ceiling: {factor}x the training data against the oracle",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        [
+            f"gap closed = (AUC at {factor}x − AUC at 1x) / (oracle − AUC at 1x). What stays "
+            "open with more data is what the model cannot learn; what closes was data-limited. "
+            f"The {factor}x dataset has the same preset, population and days, {factor}x the "
+            "impressions a day, so its test days are larger samples of the same distribution.",
+        ],
+    )

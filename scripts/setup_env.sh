@@ -24,12 +24,12 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade "pip>=24" 2>&1 | quiet_pip
 
-echo "setup_env: installing the pinned pipeline dependencies and the project (pip install -e .[dev])"
+echo "setup_env: installing the pinned pipeline dependencies and the project (pip install -e .[dev,reference])"
 # Torch first and alone, pinned: with it in place pip never reaches for a CUDA build.
 "$PY" -m pip install -q "torch==2.13.0" 2>&1 | quiet_pip
-"$PY" -m pip install -q -e ".[dev]" 2>&1 | quiet_pip
+"$PY" -m pip install -q -e ".[dev,reference]" 2>&1 | quiet_pip
 "$PY" -c "import torch, pyspark, pyarrow, petastorm, mlflow" \
-  || die "the pipeline dependencies did not install; rerun with 'pip install -e .[dev]' to see why."
+  || die "the pipeline dependencies did not install; rerun with 'pip install -e .[dev,reference]' to see why."
 
 scripts/install_horovod.sh "$PY"
 

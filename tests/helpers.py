@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,6 +163,63 @@ def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def start_model_server(
+    model_uri: str, tracking_uri: str, root: Path, timeout: float = 120
+) -> Iterator[str]:
+    """Serve ``model_uri`` with ``mlflow models serve`` on 127.0.0.1 (the command of
+    docs/OPERATIONS.md); yield its base URL. Stopped, and its log kept, even on failure."""
+    from contract import commands
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "model-server.log"
+    log = log_path.open("w")
+    command = commands.model_server(VENV_BIN, model_uri, port=port)
+    env = project_env({"MLFLOW_TRACKING_URI": tracking_uri})
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the model server did not answer on {url} within {timeout}s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def post_json(url: str, body: object, timeout: float = 30) -> tuple[int, dict]:
+    """POST ``body`` as JSON; the status and the decoded answer (also for 4xx/5xx)."""
+    import json
+
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
 
 
 def run_command(

@@ -272,6 +272,7 @@ def test_offline_rebuilds_the_tables_from_the_kept_summaries_alone(tmp_path, cap
         f"workdir={tmp_path / 'work'}",
         f"results_dir={tmp_path / 'summaries'}",
         "paper_table.variants=[base, esmm]",
+        "paper_table.torch_rechub=false",
         "seeds=[1, 2]",
     ]
     cfg = config.load_experiment_config(CONFIG, False, sets)
@@ -417,3 +418,234 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
     )
     assert ranking_parent.info.status == "FINISHED"
     assert "ranking.csv" in {a.path for a in client.list_artifacts(ranking_parent.info.run_id)}
+
+
+def test_named_datasets_overlay_data_and_unknown_names_are_errors():
+    cfg = config.load_experiment_config(CONFIG, False, [])
+    sparse = cfg.dataset("sparse")
+    assert sparse.preset == "sparse" and sparse.train_days == cfg.data.train_days
+    assert sparse.key() != cfg.data.key()
+    assert cfg.dataset("dense") == cfg.data.model_copy(update={"preset": "demo"})
+    assert set(cfg.map.levels) <= set(cfg.datasets) and cfg.map.reference in cfg.map.variants
+    for sets, message in (
+        (["map.levels=[dense, nope]"], r"unknown dataset\(s\) nope; known: dense, medium"),
+        (["memorisation.datasets=[huge]"], r"unknown dataset\(s\) huge"),
+        (["datasets.sparse.eval_dayz=2"], r"datasets: .*sparse: eval_dayz: Extra inputs"),
+        (["map.reference=aman"], r"reference 'aman' is not one of variants"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config.load_experiment_config(CONFIG, False, sets)
+
+
+def cell_results(base: list[float], other: list[float], variant: str = "esmm"):
+    runs = [result("base", s, cvr_auc=v, entire_space_cvr_auc=v - 0.1) for s, v in enumerate(base)]
+    runs += [
+        result(variant, s, cvr_auc=v, entire_space_cvr_auc=v - 0.05, kept_epoch=2)
+        for s, v in enumerate(other)
+    ]
+    return runs
+
+
+def test_map_table_gives_every_gap_with_its_standard_error_and_the_heatmap(tmp_path):
+    from experiments.plots import plot_map
+
+    cells = {
+        ("dense", 0.0): cell_results([0.70, 0.72], [0.69, 0.69]),
+        ("dense", 1.0): cell_results([0.60, 0.62], [0.64, 0.66]),
+        ("sparse", 0.0): cell_results([0.55, 0.55], [0.56, 0.56]),
+        ("sparse", 1.0): cell_results([0.50, 0.52], [0.55, 0.57]),
+    }
+    table = tables.map_table(cells, ["base", "esmm"], "base", {("dense", 0.0): "demo: 30% cold"})
+    column = {name: i for i, name in enumerate(table.csv_header)}
+    by_cell = {(r[0], r[1]): r for r in table.csv_rows}
+    dense_1 = by_cell["dense", 1.0]
+    assert dense_1[column["esmm_minus_base_cvr_auc"]] == pytest.approx(0.04)
+    assert dense_1[column["esmm_minus_base_cvr_auc_stderr"]] == pytest.approx(
+        math.sqrt(0.0002 / 2 + 0.0002 / 2)
+    )
+    # entire space: esmm's is cvr - 0.05, base's cvr - 0.1: the gap is 0.05 more
+    assert dense_1[column["esmm_minus_base_entire_space_cvr_auc"]] == pytest.approx(0.09)
+    assert by_cell["sparse", 0.0][column["esmm_minus_base_cvr_auc_stderr"]] == pytest.approx(0)
+    assert table.rows[0][:4] == ["dense", "demo: 30% cold", "0", "2"]
+    assert table.rows[0][6] == "-2.00 ± 1.00" and table.rows[0][-1] == "n/a, 2"
+    png = plot_map(table, ["base", "esmm"], "base", tmp_path / "map.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_memorisation_table_judges_on_validation_metrics_only():
+    def run(label, variant, seed, valid, test):
+        spec = runner.RunSpec(label, variant, seed, config.DataSpec(), ())
+        metrics = {"kept_valid_cvr_auc": valid, "kept_valid_ctr_auc": 0.6, "cvr_auc": test}
+        return runner.RunResult(spec, "r", metrics, 1.0)
+
+    results = [
+        run("defaults", "base", 1, 0.60, 0.99),
+        run("defaults", "base", 2, 0.62, 0.99),
+        run("L2", "base", 1, 0.64, 0.11),
+        run("L2", "base", 2, 0.66, 0.11),
+    ]
+    table = tables.memorisation_table({"sparse": results}, ["base"], "defaults")
+    assert [row[:2] for row in table.rows] == [["sparse", "defaults"], ["sparse", "L2"]]
+    assert table.rows[1][2:4] == ["65.00 ± 1.41", "+4.00 ± 1.41"]
+    assert table.rows[0][3] == "-"
+    # the test day's numbers (0.99, 0.11) appear nowhere: the table cannot be tuned on them
+    text = table.markdown() + repr(table.csv_rows)
+    assert "99" not in text and "11.00" not in text and "0.11" not in text
+
+
+def test_the_map_rebuilds_offline_from_kept_summaries_and_says_which_are_missing(tmp_path, capsys):
+    import json
+
+    sets = [
+        f"workdir={tmp_path / 'work'}",
+        f"results_dir={tmp_path / 'summaries'}",
+        "map.levels=[dense, sparse]",
+        "map.biases=[0.0, 1.0]",
+        "map.variants=[base, esmm]",
+        "seeds=[1, 2]",
+    ]
+    cfg = config.load_experiment_config(CONFIG, False, sets)
+    runs = tmp_path / "summaries"
+    (runs / "datasets").mkdir(parents=True)
+    for level in cfg.map.levels:
+        for bias in cfg.map.biases:
+            data = cfg.dataset(level).model_copy(update={"selection_bias": bias})
+            for variant in cfg.map.variants:
+                for seed in cfg.seeds:
+                    spec = runner.RunSpec(variant, variant, seed, data)
+                    cvr = 0.6 + (0.01 * seed) + (0.02 * bias if variant == "esmm" else 0)
+                    summary = {"run_id": f"r{seed}", "metrics": {"cvr_auc": cvr}, "seconds": 1}
+                    (runs / f"{spec.key(cfg)}.json").write_text(json.dumps(summary))
+    argv = ["map", "--config", CONFIG, "--offline", *[x for kv in sets for x in ("--set", kv)]]
+    assert cli.main(argv) == 0
+    out = tmp_path / "work" / "results" / "map"
+    rows = list(csv.DictReader((out / "map.csv").open()))
+    assert [(r["level"], float(r["selection_bias"])) for r in rows] == [
+        ("dense", 0.0),
+        ("dense", 1.0),
+        ("sparse", 0.0),
+        ("sparse", 1.0),
+    ]
+    assert [float(r["esmm_minus_base_cvr_auc"]) for r in rows] == pytest.approx([0, 0.02] * 2)
+    assert (out / "map.png").stat().st_size > 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--set", "seeds=[1, 2, 3]"]) == 2
+    assert "no summary of training base seed 3" in capsys.readouterr().err
+
+
+def regeneration_commands() -> list[list[str]]:
+    """The ``--offline`` commands of docs/results/README.md, as argument lists."""
+    import shlex
+
+    text = Path("docs/results/README.md").read_text()
+    found = re.findall(r"`(python -m experiments [^`]*--offline[^`]*)`", text)
+    return [shlex.split(command)[3:] for command in found]
+
+
+def test_the_committed_results_regenerate_from_their_summaries(tmp_path, capsys):
+    """Every regeneration command of docs/results/README.md rebuilds its table from the
+    committed summaries alone, and the paper table's numbers are those docs/RESULTS.md
+    reports."""
+    commands_ = regeneration_commands()
+    assert any(c[0] == "paper-table" for c in commands_), commands_
+    for argv in commands_:
+        work = tmp_path / argv[0]
+        assert cli.main([*argv, "--set", f"workdir={work}"]) == 0, capsys.readouterr().err
+        if argv[0] != "paper-table":
+            continue
+        csv_path = work / "results" / "paper_table" / "paper_table.csv"
+        rows = {r["model"]: r for r in csv.DictReader(csv_path.open())}
+        assert {"base", "esmm"} <= set(rows) and int(rows["esmm"]["seeds"]) >= 5
+        results_md = Path("docs/RESULTS.md").read_text()
+        for model, row in rows.items():
+            shown = tables.fmt_auc(float(row["cvr_auc_mean"]), float(row["cvr_auc_std"]))
+            assert shown in results_md, (model, shown)
+
+
+def test_the_torch_rechub_reference_is_its_own_training_with_the_same_inputs(tmp_path):
+    cfg = config.load_experiment_config(CONFIG, False, [f"workdir={tmp_path}"])
+    assert cfg.paper_table.torch_rechub
+    specs = cli.paper_specs(cfg)
+    reference = [s for s in specs if s.implementation == "torch-rechub"]
+    assert [s.seed for s in reference] == cfg.seeds and {s.variant for s in reference} == {"esmm"}
+    ours = runner.RunSpec("esmm", "esmm", 1, cfg.data)
+    assert reference[0].key(cfg) != ours.key(cfg)
+    # the project's trainings keep their keys (the committed summaries stay valid)
+    assert "implementation" not in ours.determinants(cfg)
+    ctx = runner.Context(cfg, tmp_path, "sqlite:///unused.db", "0")
+    paths = runner.DatasetPaths("/f", "/o", "2026-01-01..2026-01-03", "2026-01-04", "2026-01-05")
+    command = runner.reference_command(
+        ctx, reference[0], paths, "parent", tmp_path / "k.json", ["seed=1", "epochs=4"]
+    )
+    assert command[1:3] == ["-m", "experiments.reference"]
+    joined = " ".join(command)
+    for part in (
+        "--config conf/train.yaml --features /f",
+        "--train-dates 2026-01-01..2026-01-03 --valid-date 2026-01-04 --eval-date 2026-01-05",
+        "--oracle /o --parent-run-id parent --set seed=1 --set epochs=4",
+    ):
+        assert part in joined, joined
+    no_valid = dataclasses.replace(paths, valid_dates=None)
+    with pytest.raises(ConfigError, match="needs a validation day"):
+        runner.reference_command(ctx, reference[0], no_valid, None, tmp_path / "k.json", [])
+
+
+def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(tmp_path):
+    """torch-rechub's ESMM for real on a small table: its summary has the trainer's metrics,
+    the kept epoch's validation metrics, and the test day's entire-space ones."""
+    import json
+
+    import yaml
+
+    from experiments import reference
+    from tests.feature_fixtures import small_fields, write_feature_day
+
+    fields = small_fields()
+    fields_yaml = tmp_path / "fields.yaml"
+    fields_yaml.write_text(yaml.safe_dump({"fields": [f.model_dump() for f in fields.fields]}))
+    for seed, day in enumerate(("2026-01-01", "2026-01-02", "2026-01-03")):
+        write_feature_day(
+            tmp_path / "features", day, fields, rows=2000, seed=seed, oracle_root=tmp_path / "o"
+        )
+    summary = tmp_path / "summary.json"
+    argv = [
+        *("--features", str(tmp_path / "features"), "--train-dates", "2026-01-01"),
+        *("--valid-date", "2026-01-02", "--eval-date", "2026-01-03"),
+        *("--oracle", str(tmp_path / "o"), "--summary-json", str(summary)),
+        *("--set", f"fields_config={fields_yaml}", "--set", "epochs=3"),
+        *(
+            "--set",
+            "selection.patience=0",
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+        ),
+    ]
+    previous = mlflow.get_tracking_uri()
+    try:
+        assert reference.main(argv) == 0
+    finally:
+        mlflow.set_tracking_uri(previous)
+    metrics = json.loads(summary.read_text())["metrics"]
+    assert metrics["epochs_trained"] == 3 and metrics["kept_epoch"] in {1, 2, 3}
+    for name in ("cvr_auc", "ctr_auc", "entire_space_cvr_auc", "kept_valid_cvr_auc"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "valid_cvr_auc")
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert best.step == metrics["kept_epoch"] and best.value == metrics["kept_valid_cvr_auc"]
+    assert run.data.tags["implementation"] == "torch-rechub"
+
+
+def test_ceiling_table_reports_the_share_of_the_gap_to_the_oracle_that_data_closes():
+    oracle = {"oracle_cvr_auc": 0.80, "oracle_entire_space_cvr_auc": 0.70}
+    one = [result("esmm", s, cvr_auc=0.70, entire_space_cvr_auc=0.60, **oracle) for s in (1, 2)]
+    ten = [result("esmm", s, cvr_auc=0.75, entire_space_cvr_auc=0.61, **oracle) for s in (1, 2)]
+    table = tables.ceiling_table(one, ten, ["esmm"], 10)
+    (row,) = table.csv_rows
+    assert row[1:5] == pytest.approx([0.70, 0.75, 0.80, 0.5])
+    assert row[5:9] == pytest.approx([0.60, 0.61, 0.70, 0.1])
+    assert table.rows[0][4] == "50%" and table.header[2] == "10x"
+    assert cli.preset_volume("sparse") == 250_000
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        cli.preset_volume("huge")

@@ -8,7 +8,7 @@ import pytest
 
 from contract import commands, schema
 from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
-from tests.helpers import VENV_BIN, run_command
+from tests.helpers import VENV_BIN, post_json, run_command, start_model_server
 
 DAY = "2026-01-03"
 
@@ -31,11 +31,20 @@ def score_args(root, model: str, features=None) -> list[str]:
     return commands.score_args(features or root / "features", DAY, model, root / "predictions")
 
 
-@pytest.mark.integration
-def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(scoring_setup):
-    root, uri, version = scoring_setup
+@pytest.fixture(scope="module")
+def batch_scored(scoring_setup):
+    """The batch scorer's run over the day (spark-submit jobs/score.py), once per module."""
+    root, uri, _ = scoring_setup
     command = commands.spark_job(VENV_BIN, "score", score_args(root, "models:/scorer@champion"))
-    result = run_command(command, env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
+    return run_command(command, env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
+
+
+@pytest.mark.integration
+def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(
+    scoring_setup, batch_scored
+):
+    root, _, version = scoring_setup
+    result = batch_scored
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"scored with models:/scorer/{version}" in result.stdout
     predictions = pq.read_table(root / "predictions" / f"dt={DAY}").to_pandas()
@@ -50,6 +59,52 @@ def test_scoring_gives_one_row_per_impression_with_consistent_probabilities(scor
     assert set(predictions["model_version"]) == {version}
     assert set(predictions["model_name"]) == {"scorer"}
     assert not list((root / "predictions" / "_tmp").glob("*"))  # staging cleaned up
+
+
+def feature_records(frame, fields) -> list[dict]:
+    """Feature-table rows as a client sends them: one JSON object per impression, ids as
+    ints, multi-valued fields as lists."""
+    names = [f.name for f in fields.fields]
+    return [
+        {n: [int(v) for v in row[n]] if hasattr(row[n], "__len__") else int(row[n]) for n in names}
+        for row in frame[names].to_dict("records")
+    ]
+
+
+@pytest.mark.integration
+def test_the_served_model_answers_as_the_batch_scorer_and_rejects_bad_rows_with_a_400(
+    scoring_setup, batch_scored, tmp_path
+):
+    """``mlflow models serve -m models:/scorer@champion --env-manager local`` on 127.0.0.1:
+    feature rows in, pCTR/pCVR/pCTCVR out, equal to the batch scorer's for the same rows."""
+    root, uri, _ = scoring_setup
+    assert batch_scored.returncode == 0, batch_scored.stderr[-3000:]
+    features = pq.read_table(root / "features" / f"dt={DAY}").to_pandas().head(40)
+    batch = pq.read_table(root / "predictions" / f"dt={DAY}").to_pandas()
+    batch = batch.set_index(schema.IMPRESSION_ID).loc[features[schema.IMPRESSION_ID]]
+    records = feature_records(features, small_fields())
+    with start_model_server("models:/scorer@champion", uri, tmp_path) as url:
+        status, answer = post_json(f"{url}/invocations", {"dataframe_records": records})
+        assert status == 200, answer
+        served = answer["predictions"]
+        assert len(served) == len(records)
+        for name in ("pctr", "pcvr", "pctcvr"):
+            values = np.array([row[name] for row in served])
+            np.testing.assert_allclose(values, batch[name].to_numpy(), rtol=1e-6, err_msg=name)
+        pctr, pcvr, pctcvr = (np.array([r[k] for r in served]) for k in ("pctr", "pcvr", "pctcvr"))
+        np.testing.assert_allclose(pctcvr, pctr * pcvr, rtol=1e-6)
+
+        def rejected(rows) -> str:
+            status, answer = post_json(f"{url}/invocations", {"dataframe_records": rows})
+            assert 400 <= status < 500, (status, answer)
+            return answer["message"]
+
+        without = [{k: v for k, v in r.items() if k != "item_id"} for r in records[:3]]
+        assert "item_id" in rejected(without)
+        assert "item_id" in rejected([{**records[0], "item_id": "abc"}])
+        message = rejected([{**records[0], "user_recent_shops": [1, 2]}])
+        assert "field 'user_recent_shops': row 0 has 2 ids, needs exactly 8" in message
+        assert "outside [0, 64)" in rejected([{**records[0], "user_id": 10**6}])
 
 
 def _main_exit(capsys, root, uri, model: str, features=None) -> tuple[int, str, str]:

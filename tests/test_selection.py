@@ -52,7 +52,7 @@ def test_an_unknown_metric_names_the_known_ones_and_the_state_round_trips():
     rule = EpochRule(SelectionConfig(patience=3))
     _run(rule, [0.6, 0.7, 0.65])
     again = EpochRule(SelectionConfig(patience=3), rule.state())
-    assert again.state() == rule.state()
+    assert again.state() == rule.state() and again.best_metrics == {"cvr_auc": 0.7}
     assert again.update(3, {"cvr_auc": 0.66}) is False and again.stale == 2
 
 
@@ -135,6 +135,10 @@ def test_the_trainer_chooses_by_validation_and_reads_the_test_day_once_with_the_
     assert [(m.step, m.value) for m in history] == [(1, 0.60), (2, 0.80), (3, 0.70), (4, 0.65)]
     assert run.data.metrics["kept_epoch"] == 2
     assert run.data.metrics["epochs_trained"] == 4
+    # ... and carries that epoch's validation metrics (what settings are compared on)
+    assert run.data.metrics["kept_valid_cvr_auc"] == 0.80
+    kept_valid = {k for k in run.data.metrics if k.startswith("kept_valid_")}
+    assert {"kept_valid_ctr_auc", "kept_valid_ctcvr_auc", "kept_valid_cvr_logloss"} <= kept_valid
     assert run.data.tags["valid_date"] == days["valid"]
     # The test day was scored with the kept epoch's weights, not the last epoch's.
     weights = [digest for _, digest in evaluations]
