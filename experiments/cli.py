@@ -62,6 +62,7 @@ class Outcome:
 
 
 REFERENCE_LABEL = "esmm (torch-rechub)"
+REFERENCE_PROJECT_LR = "esmm (torch-rechub, project's lr)"
 
 
 def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
@@ -74,6 +75,13 @@ def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
         specs += [
             RunSpec(REFERENCE_LABEL, "esmm", seed, cfg.data, implementation="torch-rechub")
             for seed in cfg.seeds
+        ]
+    if cfg.paper_table.torch_rechub_project_lr:
+        specs += [
+            RunSpec(
+                REFERENCE_PROJECT_LR, "esmm", s, cfg.data, implementation="torch-rechub+project-lr"
+            )
+            for s in cfg.seeds
         ]
     return specs
 
@@ -268,7 +276,9 @@ def cmd_ceiling(ctx: Context, parent: str, out: Path) -> Outcome:
 
 def cmd_datasets(ctx: Context, parent: str, out: Path) -> Outcome:
     cfg = ctx.cfg
-    specs = {"data": cfg.data, **{name: cfg.dataset(name) for name in cfg.datasets}}
+    specs = {name: cfg.dataset(name) for name in cfg.datasets}
+    if all(spec.key() != cfg.data.key() for spec in specs.values()):
+        specs = {"data": cfg.data, **specs}  # the experiments' default dataset, if unnamed
     stats = {}
     for name, spec in specs.items():
         if not ctx.offline:

@@ -93,6 +93,8 @@ class PaperTableConfig(StrictModel):
     variants: list[Variant] = Field(default_factory=lambda: [*PAPER_VARIANTS])
     # a row of torch-rechub's ESMM (experiments/reference.py) on the same data and protocol
     torch_rechub: bool = False
+    # and one of it with the project's learning rates (where the two differ; a diagnostic)
+    torch_rechub_project_lr: bool = False
 
 
 class TaskWeightsConfig(StrictModel):

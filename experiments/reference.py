@@ -18,8 +18,10 @@ parameter). What this project decides is only what must be the same for a compar
   the test day is scored once with the kept weights, by :func:`esmm.metrics.evaluate_predictions`.
 
 The outcome is the trainer's summary JSON (``run_id``, ``metrics``), so the experiments treat
-the run as any other; it is also one MLflow run (params, per-epoch validation metrics, test
-metrics) under ``--parent-run-id`` when given. One process, CPU: torch-rechub has no Horovod.
+the run as any other. ``--optimizer project`` swaps in the project's learning rates (a
+diagnostic of where the two implementations differ). It is also one MLflow run (params,
+per-epoch validation metrics, test metrics) under ``--parent-run-id`` when given. One
+process, CPU: torch-rechub has no Horovod.
 """
 
 from __future__ import annotations
@@ -57,6 +59,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-date", required=True, help="the test day(s)")
     parser.add_argument("--oracle", default=None, help="simulator oracle root (entire space)")
     parser.add_argument("--summary-json", required=True, help="where the outcome goes")
+    parser.add_argument(
+        "--optimizer",
+        choices=("torch-rechub", "project"),
+        default="torch-rechub",
+        help="torch-rechub: its MTLTrainer's default Adam (lr 1e-3, weight decay 1e-5, every "
+        "parameter); project: Adam with the train config's optim.lr for the towers and "
+        "optim.sparse_lr for the embeddings, times --lr-scale (a diagnostic)",
+    )
+    parser.add_argument(
+        "--lr-scale",
+        type=float,
+        default=1.0,
+        help="with --optimizer project: the factor the project's trainer applies for its "
+        "workers (scale_lr_by_workers), e.g. 2 to match horovodrun -np 2",
+    )
     parser.add_argument("--run-name", default="esmm (torch-rechub)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run")
     add_override_argument(parser, "override a train-config key, e.g. --set epochs=4")
@@ -223,6 +240,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = compact_ids([train, valid, test], fields)
     model = build_reference_model(fields, cfg.model.embedding_dim, cfg.model.hidden_dims, sizes)
     trainer = MTLTrainer(model, task_types=["classification"] * 3, device="cpu")
+    if args.optimizer == "project":
+        embeddings = [p for n, p in model.named_parameters() if n.startswith("embedding.")]
+        towers = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+        trainer.optimizer = torch.optim.Adam(
+            [
+                {"params": towers, "lr": cfg.optim.lr * args.lr_scale},
+                {"params": embeddings, "lr": cfg.optim.sparse_lr * args.lr_scale},
+            ],
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+        )
     rule = EpochRule(cfg.selection)
 
     uri = resolve_tracking_uri(cfg.tracking)
@@ -249,7 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": cfg.data.batch_size,
                 "embedding_dim": cfg.model.embedding_dim,
                 "hidden_dims": str(cfg.model.hidden_dims),
-                "optimizer": "Adam lr=1e-3 weight_decay=1e-5 (torch-rechub's default)",
+                "optimizer": (
+                    "Adam lr=1e-3 weight_decay=1e-5 (torch-rechub's default)"
+                    if args.optimizer == "torch-rechub"
+                    else f"Adam lr={cfg.optim.lr * args.lr_scale:g} (towers), "
+                    f"{cfg.optim.sparse_lr * args.lr_scale:g} (embeddings) (the project's)"
+                ),
             }
         )
         best_state, epochs_trained = None, 0

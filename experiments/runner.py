@@ -96,19 +96,22 @@ class RunSpec:
     seed: int
     data: DataSpec
     overrides: tuple[str, ...] = ()
-    # who trains it: the project's trainer, or torch-rechub's ESMM (experiments/reference.py)
+    # who trains it: the project's trainer ("esmm"), torch-rechub's ESMM ("torch-rechub",
+    # experiments/reference.py) or that with the project's learning rates
+    # ("torch-rechub+project-lr", a diagnostic)
     implementation: str = "esmm"
 
     def determinants(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Everything that determines this training under ``cfg`` (see the module docstring);
         raises :class:`ConfigError` when the train config or its field list cannot be read."""
         train_config = project_path(cfg.train_config)
-        # the reference implementation is one process, whatever np says
-        implementation = (
-            {}
-            if self.implementation == "esmm"
-            else {"implementation": self.implementation, "np": 1}
-        )
+        # the reference implementation is one process; with the project's learning rates
+        # they are scaled as np workers would scale them
+        implementation: dict[str, Any] = {}
+        if self.implementation != "esmm":
+            implementation = {"implementation": self.implementation, "np": 1}
+        if self.implementation == "torch-rechub+project-lr":
+            implementation["lr_scale"] = cfg.np
         return {
             "data": self.data.model_dump(mode="json"),
             "variant": self.variant,
@@ -283,7 +286,7 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
         *ctx.cfg.train_overrides,
         *spec.overrides,
     ]
-    if spec.implementation == "torch-rechub":
+    if spec.implementation.startswith("torch-rechub"):
         command = reference_command(ctx, spec, data, parent_run_id, summary_path, overrides)
     else:
         command = commands.trainer(
@@ -347,6 +350,8 @@ def reference_command(
         *("--summary-json", str(summary_path.with_suffix(".trainer.json"))),
         *("--run-name", f"{spec.label} seed {spec.seed}"),
     ]
+    if spec.implementation == "torch-rechub+project-lr":
+        command += ["--optimizer", "project", "--lr-scale", str(ctx.cfg.np)]
     if data.oracle:
         command += ["--oracle", data.oracle]
     if parent_run_id:

@@ -585,12 +585,19 @@ def test_the_torch_rechub_reference_is_its_own_training_with_the_same_inputs(tmp
         "--oracle /o --parent-run-id parent --set seed=1 --set epochs=4",
     ):
         assert part in joined, joined
+    assert "--optimizer" not in command  # torch-rechub's own optimizer by default
+    diagnostic = dataclasses.replace(reference[0], implementation="torch-rechub+project-lr")
+    assert diagnostic.key(cfg) != reference[0].key(cfg)
+    scaled = runner.reference_command(ctx, diagnostic, paths, None, tmp_path / "k.json", [])
+    assert " --optimizer project --lr-scale 2 " in " ".join(scaled) + " "
     no_valid = dataclasses.replace(paths, valid_dates=None)
     with pytest.raises(ConfigError, match="needs a validation day"):
         runner.reference_command(ctx, reference[0], no_valid, None, tmp_path / "k.json", [])
 
 
-def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(tmp_path):
+def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(
+    tmp_path, restore_mlflow_tracking_uri
+):
     """torch-rechub's ESMM for real on a small table: its summary has the trainer's metrics,
     the kept epoch's validation metrics, and the test day's entire-space ones."""
     import json
@@ -635,6 +642,17 @@ def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(t
     best = max(history, key=lambda m: (m.value, -m.step))
     assert best.step == metrics["kept_epoch"] and best.value == metrics["kept_valid_cvr_auc"]
     assert run.data.tags["implementation"] == "torch-rechub"
+    assert run.data.params["optimizer"].startswith("Adam lr=1e-3 weight_decay=1e-5")
+
+    # the diagnostic: the same model with the project's learning rates (x2 for 2 workers);
+    # an MLFLOW_TRACKING_URI in the environment (MLflow may set one) wins over the config's
+    restore_mlflow_tracking_uri.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert reference.main([*argv, "--optimizer", "project", "--lr-scale", "2"]) == 0
+    runs = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
+    assert len(runs) == 2
+    assert {r.data.params["optimizer"] for r in runs} >= {
+        "Adam lr=0.002 (towers), 0.02 (embeddings) (the project's)"
+    }
 
 
 def test_ceiling_table_reports_the_share_of_the_gap_to_the_oracle_that_data_closes():
