@@ -63,6 +63,7 @@ class Outcome:
 
 REFERENCE_LABEL = "esmm (torch-rechub)"
 REFERENCE_PROJECT_LR = "esmm (torch-rechub, project's lr)"
+REFERENCE_PROJECT_OPTIM = "esmm (torch-rechub, project's optimizers)"
 
 
 def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
@@ -75,6 +76,17 @@ def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
         specs += [
             RunSpec(REFERENCE_LABEL, "esmm", seed, cfg.data, implementation="torch-rechub")
             for seed in cfg.seeds
+        ]
+    if cfg.paper_table.torch_rechub_project_optim:
+        specs += [
+            RunSpec(
+                REFERENCE_PROJECT_OPTIM,
+                "esmm",
+                s,
+                cfg.data,
+                implementation="torch-rechub+project-optim",
+            )
+            for s in cfg.seeds
         ]
     if cfg.paper_table.torch_rechub_project_lr:
         specs += [
@@ -204,7 +216,7 @@ def _level_note(ctx: Context, spec: DataSpec) -> str:
     test = stats["test"]
     return (
         f"{spec.preset}: {100 * stats['cold']['test_impressions_share']:.0f}% cold, "
-        f"CVR|click {100 * test['cvr_given_click']:.1f}%, {test['conversions']} test conv."
+        f"CVR given click {100 * test['cvr_given_click']:.1f}%, {test['conversions']} test conv."
     )
 
 

@@ -93,8 +93,10 @@ class PaperTableConfig(StrictModel):
     variants: list[Variant] = Field(default_factory=lambda: [*PAPER_VARIANTS])
     # a row of torch-rechub's ESMM (experiments/reference.py) on the same data and protocol
     torch_rechub: bool = False
-    # and one of it with the project's learning rates (where the two differ; a diagnostic)
+    # diagnostics of where the two differ: torch-rechub's ESMM with the project's learning
+    # rates in its dense Adam, and with the project's optimizers (SparseAdam + Adam)
     torch_rechub_project_lr: bool = False
+    torch_rechub_project_optim: bool = False
 
 
 class TaskWeightsConfig(StrictModel):

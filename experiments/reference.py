@@ -61,11 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--summary-json", required=True, help="where the outcome goes")
     parser.add_argument(
         "--optimizer",
-        choices=("torch-rechub", "project"),
+        choices=("torch-rechub", "project", "project-sparse"),
         default="torch-rechub",
         help="torch-rechub: its MTLTrainer's default Adam (lr 1e-3, weight decay 1e-5, every "
         "parameter); project: Adam with the train config's optim.lr for the towers and "
-        "optim.sparse_lr for the embeddings, times --lr-scale (a diagnostic)",
+        "optim.sparse_lr for the embeddings, times --lr-scale; project-sparse: the same rates "
+        "with the project's optimizers, SparseAdam on the embeddings (only the rows a batch "
+        "looks up move) and Adam on the towers (diagnostics)",
     )
     parser.add_argument(
         "--lr-scale",
@@ -164,6 +166,52 @@ def build_reference_model(
     return ESMM(user, item, cvr_params=dict(tower), ctr_params=dict(tower))
 
 
+class _Optimizers:
+    """Several optimizers stepped as one (MTLTrainer steps ``self.optimizer`` once a batch)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"param_groups": self.param_groups}
+
+
+def project_optimizer(model, optim, lr_scale: float, kind: str):
+    """The project's learning rates (``optim.lr`` for the towers, ``optim.sparse_lr`` for the
+    embeddings, times ``lr_scale``) on torch-rechub's model: one dense Adam (``project``), or
+    the project's SparseAdam on sparse embedding gradients plus Adam (``project-sparse``)."""
+    import torch
+
+    embeddings = [p for n, p in model.named_parameters() if n.startswith("embedding.")]
+    towers = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    betas, eps = tuple(optim.betas), optim.eps
+    if kind == "project":
+        return torch.optim.Adam(
+            [
+                {"params": towers, "lr": optim.lr * lr_scale},
+                {"params": embeddings, "lr": optim.sparse_lr * lr_scale},
+            ],
+            betas=betas,
+            eps=eps,
+        )
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.sparse = True  # F.embedding(..., sparse=True): gradients of looked-up rows
+    return _Optimizers(
+        torch.optim.Adam(towers, lr=optim.lr * lr_scale, betas=betas, eps=eps),
+        torch.optim.SparseAdam(embeddings, lr=optim.sparse_lr * lr_scale, betas=betas, eps=eps),
+    )
+
+
 def _loader(split: dict, fields: FieldsConfig, batch_size: int, shuffle: bool, seed: int):
     import torch
     from torch.utils.data import DataLoader
@@ -240,17 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = compact_ids([train, valid, test], fields)
     model = build_reference_model(fields, cfg.model.embedding_dim, cfg.model.hidden_dims, sizes)
     trainer = MTLTrainer(model, task_types=["classification"] * 3, device="cpu")
-    if args.optimizer == "project":
-        embeddings = [p for n, p in model.named_parameters() if n.startswith("embedding.")]
-        towers = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
-        trainer.optimizer = torch.optim.Adam(
-            [
-                {"params": towers, "lr": cfg.optim.lr * args.lr_scale},
-                {"params": embeddings, "lr": cfg.optim.sparse_lr * args.lr_scale},
-            ],
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-        )
+    if args.optimizer != "torch-rechub":
+        trainer.optimizer = project_optimizer(model, cfg.optim, args.lr_scale, args.optimizer)
     rule = EpochRule(cfg.selection)
 
     uri = resolve_tracking_uri(cfg.tracking)
@@ -277,12 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": cfg.data.batch_size,
                 "embedding_dim": cfg.model.embedding_dim,
                 "hidden_dims": str(cfg.model.hidden_dims),
-                "optimizer": (
-                    "Adam lr=1e-3 weight_decay=1e-5 (torch-rechub's default)"
-                    if args.optimizer == "torch-rechub"
-                    else f"Adam lr={cfg.optim.lr * args.lr_scale:g} (towers), "
-                    f"{cfg.optim.sparse_lr * args.lr_scale:g} (embeddings) (the project's)"
-                ),
+                "optimizer": {
+                    "torch-rechub": "Adam lr=1e-3 weight_decay=1e-5 (torch-rechub's default)",
+                    "project": f"Adam lr={cfg.optim.lr * args.lr_scale:g} (towers), "
+                    f"{cfg.optim.sparse_lr * args.lr_scale:g} (embeddings) (the project's)",
+                    "project-sparse": f"Adam lr={cfg.optim.lr * args.lr_scale:g} (towers), "
+                    f"SparseAdam lr={cfg.optim.sparse_lr * args.lr_scale:g} (embeddings) "
+                    "(the project's)",
+                }[args.optimizer],
             }
         )
         best_state, epochs_trained = None, 0

@@ -97,8 +97,9 @@ class RunSpec:
     data: DataSpec
     overrides: tuple[str, ...] = ()
     # who trains it: the project's trainer ("esmm"), torch-rechub's ESMM ("torch-rechub",
-    # experiments/reference.py) or that with the project's learning rates
-    # ("torch-rechub+project-lr", a diagnostic)
+    # experiments/reference.py), or that with the project's learning rates in one dense Adam
+    # ("torch-rechub+project-lr") or in the project's SparseAdam + Adam
+    # ("torch-rechub+project-optim"): diagnostics
     implementation: str = "esmm"
 
     def determinants(self, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -110,7 +111,7 @@ class RunSpec:
         implementation: dict[str, Any] = {}
         if self.implementation != "esmm":
             implementation = {"implementation": self.implementation, "np": 1}
-        if self.implementation == "torch-rechub+project-lr":
+        if self.implementation in ("torch-rechub+project-lr", "torch-rechub+project-optim"):
             implementation["lr_scale"] = cfg.np
         return {
             "data": self.data.model_dump(mode="json"),
@@ -350,8 +351,13 @@ def reference_command(
         *("--summary-json", str(summary_path.with_suffix(".trainer.json"))),
         *("--run-name", f"{spec.label} seed {spec.seed}"),
     ]
-    if spec.implementation == "torch-rechub+project-lr":
-        command += ["--optimizer", "project", "--lr-scale", str(ctx.cfg.np)]
+    optimizer = {
+        "torch-rechub+project-lr": "project",
+        "torch-rechub+project-optim": "project-sparse",
+    }
+    if spec.implementation in optimizer:
+        command += ["--optimizer", optimizer[spec.implementation]]
+        command += ["--lr-scale", str(ctx.cfg.np)]
     if data.oracle:
         command += ["--oracle", data.oracle]
     if parent_run_id:

@@ -646,12 +646,14 @@ def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(
 
     # the diagnostic: the same model with the project's learning rates (x2 for 2 workers);
     # an MLFLOW_TRACKING_URI in the environment (MLflow may set one) wins over the config's
-    restore_mlflow_tracking_uri.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert reference.main([*argv, "--optimizer", "project", "--lr-scale", "2"]) == 0
+    for optimizer in ("project", "project-sparse"):
+        restore_mlflow_tracking_uri.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert reference.main([*argv, "--optimizer", optimizer, "--lr-scale", "2"]) == 0
     runs = client.search_runs([client.get_experiment_by_name("esmm").experiment_id])
-    assert len(runs) == 2
+    assert len(runs) == 3
     assert {r.data.params["optimizer"] for r in runs} >= {
-        "Adam lr=0.002 (towers), 0.02 (embeddings) (the project's)"
+        "Adam lr=0.002 (towers), 0.02 (embeddings) (the project's)",
+        "Adam lr=0.002 (towers), SparseAdam lr=0.02 (embeddings) (the project's)",
     }
 
 
