@@ -112,49 +112,35 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
-    """Start ``mlflow server`` on 127.0.0.1 over SQLite under ``root``; yield its URI.
-
-    The server gets its own artifact store (``--artifacts-destination``) and is served with
-    ``--serve-artifacts``, as a remote team server would be, so clients upload artifacts
-    through HTTP rather than writing to a shared folder.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    command = [
-        str(VENV_BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--serve-artifacts",
-        "--workers",
-        "1",
-    ]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=project_env())
+def serve(
+    command: Sequence[str],
+    url: str,
+    probe: str,
+    log_path: Path,
+    env: Mapping[str, str],
+    what: str,
+    timeout: float = 120,
+) -> Iterator[str]:
+    """Run a server ``command`` (output to ``log_path``) until ``url + probe`` answers 200;
+    yield ``url``; stop it afterwards, also when the test fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env))
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                server_log = (root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{server_log}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                with urllib.request.urlopen(f"{url}{probe}", timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer on {uri} within {timeout}s")
+                raise RuntimeError(f"{what} did not answer on {url} within {timeout}s")
             time.sleep(0.5)
-        yield uri
+        yield url
     finally:
         proc.terminate()
         try:
@@ -166,6 +152,29 @@ def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
+    """Start ``mlflow server`` on 127.0.0.1 over SQLite under ``root``; yield its URI.
+
+    The server gets its own artifact store (``--artifacts-destination``) and is served with
+    ``--serve-artifacts``, as a remote team server would be, so clients upload artifacts
+    through HTTP rather than writing to a shared folder.
+    """
+    port = free_port()
+    command = [
+        str(VENV_BIN / "mlflow"),
+        *("server", "--host", "127.0.0.1", "--port", str(port)),
+        *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+        *("--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"),
+        *("--workers", "1"),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        command, url, "/health", root / "server.log", project_env(), "mlflow server", timeout
+    ) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
 def start_model_server(
     model_uri: str, tracking_uri: str, root: Path, timeout: float = 120
 ) -> Iterator[str]:
@@ -173,39 +182,14 @@ def start_model_server(
     docs/OPERATIONS.md); yield its base URL. Stopped, and its log kept, even on failure."""
     from contract import commands
 
-    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "model-server.log"
-    log = log_path.open("w")
-    command = commands.model_server(VENV_BIN, model_uri, port=port)
     env = project_env({"MLFLOW_TRACKING_URI": tracking_uri})
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the model server did not answer on {url} within {timeout}s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    command = commands.model_server(VENV_BIN, model_uri, port=port)
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        command, url, "/ping", root / "model-server.log", env, "mlflow models serve", timeout
+    ) as served:
+        yield served
 
 
 def post_json(url: str, body: object, timeout: float = 30) -> tuple[int, dict]:
