@@ -147,7 +147,16 @@ def plot_map(table: Table, variants: Sequence[str], reference: str, path: Path) 
         for i in range(len(levels)):
             for j in range(len(biases)):
                 text = "n/a" if math.isnan(gap[i, j]) else f"{gap[i, j]:+.2f}\n± {err[i, j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                dark = not math.isnan(gap[i, j]) and abs(gap[i, j]) > 0.6 * limit
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
         ax.set_xticks(range(len(biases)), [f"{b:g}" for b in biases])
         ax.set_yticks(range(len(levels)), levels)
         ax.set_xlabel("selection bias")
