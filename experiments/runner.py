@@ -84,6 +84,14 @@ def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
     return project_path(train_cfg.fields_config)
 
 
+# the reference's diagnostic implementations and the --optimizer of experiments/reference.py
+# each one runs with (its learning rates are the project's, scaled as np workers scale them)
+REFERENCE_DIAGNOSTICS = {
+    "torch-rechub+project-lr": "project",
+    "torch-rechub+project-optim": "project-sparse",
+}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training: variant and seed on a dataset, with extra trainer overrides.
@@ -111,7 +119,7 @@ class RunSpec:
         implementation: dict[str, Any] = {}
         if self.implementation != "esmm":
             implementation = {"implementation": self.implementation, "np": 1}
-        if self.implementation in ("torch-rechub+project-lr", "torch-rechub+project-optim"):
+        if self.implementation in REFERENCE_DIAGNOSTICS:
             implementation["lr_scale"] = cfg.np
         return {
             "data": self.data.model_dump(mode="json"),
@@ -351,12 +359,8 @@ def reference_command(
         *("--summary-json", str(summary_path.with_suffix(".trainer.json"))),
         *("--run-name", f"{spec.label} seed {spec.seed}"),
     ]
-    optimizer = {
-        "torch-rechub+project-lr": "project",
-        "torch-rechub+project-optim": "project-sparse",
-    }
-    if spec.implementation in optimizer:
-        command += ["--optimizer", optimizer[spec.implementation]]
+    if spec.implementation in REFERENCE_DIAGNOSTICS:
+        command += ["--optimizer", REFERENCE_DIAGNOSTICS[spec.implementation]]
         command += ["--lr-scale", str(ctx.cfg.np)]
     if data.oracle:
         command += ["--oracle", data.oracle]
