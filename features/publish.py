@@ -12,7 +12,8 @@ then hand them to :func:`stage_and_publish`, which does, in this order:
 3. produce the stats (a callable is invoked only now, so it can read the ``Observation``s of the
    write) and check them with :func:`features.stats.conservation_problems`: a violation
    deletes the staging folder and raises :class:`AccountingError`, nothing is published;
-4. write the quarantine (partitioned by ``log``) and the stats file into the staging folder;
+4. write the quarantine (partitioned by ``log``, in as many files as its records need at
+   ``rows_per_row_group`` each) and the stats file into the staging folder;
 5. publish atomically with :func:`features.io.publish_partition`: quarantine, stats, and the
    table last, so a ``dt=P`` folder only appears once its stats and quarantine exist.
 """
@@ -136,7 +137,13 @@ def stage_and_publish(
         problems = conservation_problems(partition_stats, table_outputs)
         if problems:
             raise AccountingError(f"{partition}: " + "; ".join(problems), partition)
-        quarantine.write.mode("overwrite").partitionBy("log").parquet(f"{run}/quarantine")
+        # The stats know how many records the quarantine holds: files sized like the table's,
+        # not one (mostly empty) file per task of the frames it unions.
+        held = sum(counts["quarantined"] for counts in partition_stats["logs"].values())
+        files = max(1, math.ceil(held / output.rows_per_row_group))
+        quarantine.coalesce(files).write.mode("overwrite").partitionBy("log").parquet(
+            f"{run}/quarantine"
+        )
         text = json.dumps(partition_stats, indent=2, sort_keys=True)
         io.write_text(spark, f"{run}/stats.json", text)
     except BaseException:

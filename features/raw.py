@@ -29,6 +29,7 @@ __all__ = [
     "LOG_SCHEMAS",
     "READ_COLUMNS",
     "count_lines",
+    "read_blank_lines",
     "read_log",
     "record_text",
 ]
@@ -89,13 +90,57 @@ def count_lines(spark: SparkSession, path: str) -> tuple[int, int]:
     return row[0], row[1] or 0
 
 
+def _blank_lines(
+    spark: SparkSession, base: str, paths: dict[str, str], schema: T.StructType
+) -> DataFrame:
+    """The blank lines of ``paths`` as :func:`read_log` rows (malformed, ``raw`` = the line)."""
+    blank = (
+        spark.read.schema("value string, dt string")
+        .option("basePath", base)
+        .text(list(paths.values()))
+        .where(_blank())
+    )
+    return blank.select(
+        F.col("dt").alias("folder_dt"),
+        F.col("value").alias("raw"),
+        *[F.lit(None).cast(field.dataType).alias(field.name) for field in schema.fields],
+        F.lit(True).alias("malformed"),
+    )
+
+
+def read_blank_lines(spark: SparkSession, folders: dict[str, str], log: str) -> DataFrame:
+    """Only the blank lines of :func:`read_log` (``blank_lines=True`` adds them to the parse):
+    for a caller that parsed with ``blank_lines=False`` and found some with
+    :func:`count_lines`."""
+    frames = [
+        _blank_lines(spark, base, paths, LOG_SCHEMAS[log])
+        for base, paths in _by_base(folders).items()
+    ]
+    return reduce(DataFrame.unionByName, frames)
+
+
+def _by_base(folders: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{day: ".../<log>/dt=<day>"}`` grouped by the folder above the ``dt=`` folders."""
+    groups: dict[str, dict[str, str]] = {}
+    for day, path in sorted(folders.items()):
+        base, _, name = path.rstrip("/").rpartition("/")
+        if name != f"dt={day}":
+            raise ValueError(f"{path} is not a dt={day} folder")
+        groups.setdefault(base, {})[day] = path
+    return groups
+
+
 def read_log(
     spark: SparkSession, folders: dict[str, str], log: str, blank_lines: bool = True
 ) -> DataFrame:
     """Parse the JSON lines of several ``dt=`` folders of ``log``, each tagged with its day.
 
+    All the folders of one log are read by one JSON reader (and, for the blank lines, one
+    text reader): ``folder_dt`` is the ``dt`` partition column, so reading 7 folders costs
+    one file listing and one scan, not 7.
+
     Args:
-        folders: ``{"YYYY-MM-DD": path}``; every path must exist.
+        folders: ``{"YYYY-MM-DD": ".../dt=YYYY-MM-DD"}``; every path must exist.
         log: ``impressions``, ``clicks`` or ``conversions`` (see :data:`LOG_SCHEMAS`).
         blank_lines: also return the blank lines (a second, cheap pass over the text); a
             caller that counts them with :func:`count_lines` may skip them.
@@ -108,34 +153,33 @@ def read_log(
         counts lines (:func:`count_lines`), so such a line fails the day's check loudly.
     """
     schema = LOG_SCHEMAS[log]
-    with_corrupt = T.StructType([*schema.fields, T.StructField(_CORRUPT, T.StringType())])
+    # A user schema that names the partition column fixes its type (no date inference).
+    with_corrupt = T.StructType(
+        [
+            *schema.fields,
+            T.StructField(_CORRUPT, T.StringType()),
+            T.StructField("dt", T.StringType()),
+        ]
+    )
     frames = []
-    for day, path in sorted(folders.items()):
+    for base, paths in _by_base(folders).items():
         parsed = (
             spark.read.schema(with_corrupt)
             .option("mode", "PERMISSIVE")
             .option("columnNameOfCorruptRecord", _CORRUPT)
-            .json(path)
+            .option("basePath", base)
+            .json(list(paths.values()))
         )
         frames.append(
             parsed.select(
-                F.lit(day).alias("folder_dt"),
+                F.col("dt").alias("folder_dt"),
                 F.col(_CORRUPT).alias("raw"),
                 *[F.col(field.name) for field in schema.fields],
                 F.col(_CORRUPT).isNotNull().alias("malformed"),
             )
         )
-        if not blank_lines:
-            continue
-        blank = spark.read.text(path).where(_blank())
-        frames.append(
-            blank.select(
-                F.lit(day).alias("folder_dt"),
-                F.col("value").alias("raw"),
-                *[F.lit(None).cast(field.dataType).alias(field.name) for field in schema.fields],
-                F.lit(True).alias("malformed"),
-            )
-        )
+        if blank_lines:
+            frames.append(_blank_lines(spark, base, paths, schema))
     if not frames:
         empty = T.StructType(
             [

@@ -12,6 +12,7 @@ def get_spark(
     master: str | None = None,
     shuffle_partitions: int | None = None,
     log_level: str = "WARN",
+    conf: dict[str, str] | None = None,
 ) -> SparkSession:
     """Get (or create) the SparkSession for a job.
 
@@ -25,6 +26,7 @@ def get_spark(
         shuffle_partitions: ``spark.sql.shuffle.partitions`` when set; the default 200 is
             wasteful for local runs.
         log_level: Spark's log level for this application.
+        conf: more Spark settings, e.g. ``{"spark.eventLog.enabled": "true"}``.
 
     Returns:
         The active SparkSession.
@@ -44,6 +46,8 @@ def get_spark(
     )
     if shuffle_partitions is not None:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel(log_level)
     return session

@@ -73,17 +73,28 @@ def log_counts(
     }
 
 
-def event_log_counts(records: DataFrame) -> dict[str, Any]:
-    """Counts of a click / conversion log from its classified records (owned ones only).
+def event_log_counts(logs: Mapping[str, DataFrame]) -> dict[str, dict[str, Any]]:
+    """Counts of click / conversion logs from their classified records (owned ones only), in
+    one Spark job for all of ``logs`` (``{log: records}``).
 
     ``input`` is counted from ``owned`` alone, independently of the statuses, so that a
     record that lost its status makes the conservation check fail.
     """
-    rows = records.groupBy("owned", "status", "reason").count().collect()
-    input_rows = sum(r["count"] for r in rows if r["owned"])
-    by_status = [(r["status"], r["reason"], r["count"]) for r in rows if r["owned"]]
-    counts = log_counts(input_rows, by_status)
-    counts["read_not_owned"] = sum(r["count"] for r in rows if not r["owned"])
+    tagged = [
+        records.select(F.lit(log).alias("_log"), "owned", "status", "reason")
+        for log, records in logs.items()
+    ]
+    union = tagged[0]
+    for frame in tagged[1:]:
+        union = union.unionByName(frame)
+    rows = union.groupBy("_log", "owned", "status", "reason").count().collect()
+    counts = {}
+    for log in logs:
+        mine = [r for r in rows if r["_log"] == log]
+        input_rows = sum(r["count"] for r in mine if r["owned"])
+        by_status = [(r["status"], r["reason"], r["count"]) for r in mine if r["owned"]]
+        counts[log] = log_counts(input_rows, by_status)
+        counts[log]["read_not_owned"] = sum(r["count"] for r in mine if not r["owned"])
     return counts
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "missing_ids",
     "narrow_impressions",
     "rank_impressions",
+    "valid_ids",
 ]
 
 OUTPUT = "output"
@@ -185,6 +186,15 @@ def deduplicate_impressions(ranked: DataFrame) -> DataFrame:
     return ranked.where(F.col("copy") == 1).drop(*READ_COLUMNS, "reason", "copy")
 
 
+def valid_ids(impressions: DataFrame) -> DataFrame:
+    """``folder_dt`` and ``impression_id`` of the valid records of parsed impressions (the
+    output of :func:`features.raw.read_log`): the look-back rows of :func:`impression_lookup`.
+    A published table's ``dt`` and ``impression_id`` columns are the same rows, deduplicated."""
+    return impressions.where(~F.col("malformed") & ~_missing_key("impressions")).select(
+        "folder_dt", IMPRESSION_ID
+    )
+
+
 def impression_lookup(
     today: DataFrame, day: str, lookback: DataFrame | None, clicks: DataFrame
 ) -> DataFrame:
@@ -193,8 +203,8 @@ def impression_lookup(
     Args:
         today: day ``day``'s valid impressions (``impression_id``, ``ts``; repeats allowed).
         day: the build's day, ``YYYY-MM-DD``.
-        lookback: parsed impressions of the look-back days (``impression_id``, ``ts``,
-            ``malformed``, ``folder_dt``) or None.
+        lookback: the valid impression ids of the look-back days (``folder_dt``,
+            ``impression_id``; repeats allowed, see :func:`valid_ids`) or None.
         clicks: parsed click records (``impression_id``).
 
     Returns:
@@ -206,7 +216,7 @@ def impression_lookup(
     referenced = _referenced(clicks)
     seen = today.select(IMPRESSION_ID, F.lit(day).alias("imp_day"), F.col("ts").alias("_ts"))
     if lookback is not None:
-        earlier = lookback.where(~F.col("malformed") & ~_missing_key("impressions")).select(
+        earlier = lookback.select(
             IMPRESSION_ID,
             F.col("folder_dt").alias("imp_day"),
             F.lit(None).cast("long").alias("_ts"),

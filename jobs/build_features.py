@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Turn a day of raw impression/click/conversion logs and profile snapshots "
         "into the ESMM feature table (one row per impression, click/conversion labels, hashed "
         "ids), with a quarantine of bad records and a stats file that accounts for every "
-        "input record. Give --date for one day or --start-date/--end-date for a backfill.",
+        "input record. Give --date for one day or --start-date/--end-date for a backfill: one "
+        "run builds its days in order and reads each click and conversion folder once for all "
+        "of them, so prefer it to one run per day.",
     )
     parser.add_argument("--raw", required=True, help="raw logs root (generate_logs.py --out)")
     parser.add_argument("--out", required=True, help="feature table root; writes <out>/dt=D/")
@@ -131,26 +133,28 @@ def run(
         AccountingError: a day does not account for every input record; that day and the
             days after it are not published (the days before it are).
     """
-    from features.pipeline import build_day
+    from features.pipeline import build_days
     from features.publish import InputError
 
     plan = plan or check_args(args)
     previous = spark.conf.get("spark.sql.shuffle.partitions")
     spark.conf.set("spark.sql.shuffle.partitions", str(plan.config.shuffle_partitions))
-    results = []
+    began = time.perf_counter()
+
+    def published(result: PublishedPartition) -> None:
+        nonlocal began
+        if on_day is not None:
+            on_day(result, time.perf_counter() - began)
+        began = time.perf_counter()
+
     try:
-        for day in plan.days:
-            began = time.perf_counter()
-            try:
-                result = build_day(spark, args.raw, args.out, day, plan.config, plan.fields)
-            except InputError as exc:
-                raise UsageError(str(exc)) from None
-            results.append(result)
-            if on_day is not None:
-                on_day(result, time.perf_counter() - began)
+        return build_days(
+            spark, args.raw, args.out, plan.days, plan.config, plan.fields, on_day=published
+        )
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
-    return results
 
 
 def summary_line(result: PublishedPartition, seconds: float) -> str:

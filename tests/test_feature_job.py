@@ -81,7 +81,9 @@ def _attribute(spark, impressions, clicks=(), conversions=(), lookback=()):
     """Run the attribution transforms for DAY; returns (valid, quarantined, clicks, conversions)."""
     parsed = _read(spark, "impressions", [(DAY, r) for r in impressions])
     valid, quarantined = transforms.classify_impressions(parsed)
-    before = _read(spark, "impressions", list(lookback)) if lookback else None
+    before = None
+    if lookback:
+        before = transforms.valid_ids(_read(spark, "impressions", list(lookback)))
     click_lines = _read(spark, "clicks", list(clicks))
     click_records = transforms.attribute_clicks(
         click_lines,
@@ -601,9 +603,53 @@ def test_rerunning_a_day_replaces_it_with_identical_rows(two_built_days, spark, 
         .reset_index(drop=True)
         .equals(after.sort_values(key).reset_index(drop=True))
     )
+    # A one-day run of day 1 equals the two-day run's day 1: stats and quarantine too.
+    assert _partition(out, "2024-01-01")[1:] == _partition(built, "2024-01-01")[1:]
     assert sorted(p.name for p in day_dir.glob("*.parquet")) != files_before  # really rewritten
     assert not list((out / "_tmp").glob("*"))  # nothing staged is left behind
     assert (out / "dt=2024-01-02").is_dir()  # the other day is untouched
+
+
+def _partition(out: Path, day: str):
+    """A built day as comparable values: its rows sorted by id, its stats (less where the
+    look-back ids came from) and its quarantine records sorted."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(out / f"dt={day}"), format="parquet").to_table().to_pandas()
+    rows = table.sort_values("impression_id").reset_index(drop=True)
+    day_stats = json.loads((out / "_stats" / f"dt={day}.json").read_text())
+    sources = day_stats.pop("lookback_from")
+    quarantine = ds.dataset(
+        str(out / "_quarantine" / f"dt={day}"), format="parquet", partitioning="hive"
+    ).to_table()
+    records = sorted(map(tuple, quarantine.to_pandas().astype(str).values.tolist()))
+    return rows, day_stats, records, sources
+
+
+@pytest.mark.integration
+def test_a_multi_day_build_equals_single_day_builds_row_for_row(two_built_days, spark, tmp_path):
+    import shutil
+
+    from jobs import build_features
+
+    raw, built = two_built_days  # one run over both days
+    # Day 2 on its own after day 1 was published (day 1 on its own: the rerun test below)...
+    after_day_1, alone = tmp_path / "after-day-1", tmp_path / "alone"
+    shutil.copytree(built, after_day_1)
+    shutil.rmtree(after_day_1 / "dt=2024-01-02")
+    shutil.rmtree(after_day_1 / "_quarantine" / "dt=2024-01-02")
+    (after_day_1 / "_stats" / "dt=2024-01-02.json").unlink()
+    build_features.run(spark, _build_args(raw, after_day_1, "2024-01-02"))
+    # ...and with nothing published before it: its look-back ids come from the raw logs.
+    build_features.run(spark, _build_args(raw, alone, "2024-01-02"))
+    want_rows, want_stats, want_records, want_sources = _partition(built, "2024-01-02")
+    # The multi-day run read day 1's ids from the table it had just published.
+    assert want_sources == {"2024-01-01": "table"}
+    for out, lookback in ((after_day_1, "table"), (alone, "raw")):
+        rows, day_stats, records, sources = _partition(out, "2024-01-02")
+        assert rows.equals(want_rows), out.name
+        assert day_stats == want_stats and records == want_records, out.name
+        assert sources == {"2024-01-01": lookback}
 
 
 @pytest.mark.integration
