@@ -22,8 +22,10 @@ table, shuffled once (step 4); everything else joins to them through broadcasts 
 **Ownership.** Several days' builds read the same click / conversion folder (late events), so
 each record is owned by exactly one build: the day of the impression it points to (through
 its click, for a conversion) when that day is within ``horizon`` days before the record's
-folder day, else the folder's own day. Every build applies the same rule and only counts the
-records it owns, so a contiguous range of builds accounts for every record exactly once.
+folder day, else the folder's own day. An impression id seen on several days belongs to the
+earliest of them within that reach (:func:`_parent_day`). Every build applies the same rule
+and only counts the records it owns, so a contiguous range of builds accounts for every
+record exactly once.
 """
 
 from __future__ import annotations
@@ -208,10 +210,11 @@ def impression_lookup(
         clicks: parsed click records (``impression_id``).
 
     Returns:
-        ``impression_id``, ``imp_day`` (the earliest known day when an id repeats across
-        days) and ``imp_ts`` (its earliest time on ``day``; null when not seen on ``day``),
-        one row per id that a click names. Clicks are few, impressions many: the impression
-        side is cut down to those ids with a broadcast semi-join before anything is shuffled.
+        ``impression_id``, ``imp_days`` (the days it was seen on, sorted: an id may repeat
+        across days) and ``imp_ts`` (its earliest time on ``day``; null when not seen on
+        ``day``), one row per id that a click names. Clicks are few, impressions many: the
+        impression side is cut down to those ids with a broadcast semi-join before anything
+        is shuffled.
     """
     referenced = _referenced(clicks)
     seen = today.select(IMPRESSION_ID, F.lit(day).alias("imp_day"), F.col("ts").alias("_ts"))
@@ -225,8 +228,21 @@ def impression_lookup(
     return (
         seen.join(referenced, IMPRESSION_ID, "left_semi")
         .groupBy(IMPRESSION_ID)
-        .agg(F.min("imp_day").alias("imp_day"), F.min("_ts").alias("imp_ts"))
+        .agg(
+            F.array_sort(F.collect_set("imp_day")).alias("imp_days"),
+            F.min("_ts").alias("imp_ts"),
+        )
     )
+
+
+def _parent_day(horizon: int) -> Column:
+    """A click's impression day: the earliest day in ``folder_dt - horizon .. folder_dt`` that
+    its impression id was seen on, or null. Bounded by the click's own folder, not by what the
+    build reads, so every build that reads the folder names the same day, even for an id
+    repeated across days."""
+    low, high = _day_offset("folder_dt", -horizon), F.col("folder_dt")
+    in_reach = F.filter(F.col("imp_days"), lambda d: (d >= low) & (d <= high))
+    return F.element_at(in_reach, 1)
 
 
 def _owner(parent_day: str, horizon: int) -> Column:
@@ -280,7 +296,11 @@ def attribute_clicks(
         ``deduplicated`` as ``repeat_click_on_impression``; conversions may use any of them).
     """
     invalid = F.col("malformed") | _missing_key("clicks")
-    joined = clicks.join(F.broadcast(lookup), IMPRESSION_ID, "left").withColumn("_invalid", invalid)
+    joined = (
+        clicks.join(F.broadcast(lookup), IMPRESSION_ID, "left")
+        .withColumn("_invalid", invalid)
+        .withColumn("imp_day", _parent_day(horizon))
+    )
     joined = joined.withColumn(
         "owned",
         F.when(F.col("_invalid"), F.col("folder_dt") == day).otherwise(

@@ -299,6 +299,19 @@ def test_click_on_previous_days_impression_is_left_to_that_days_build(spark):
     assert _status(clicks, "click_id") == {"c": (False, None, None)}
 
 
+def test_click_on_an_id_repeated_across_days_is_owned_by_its_day_within_reach(spark):
+    # "rep" was shown 3 days before DAY and again on DAY; its click lands in NEXT's folder, 4
+    # days after the first showing: out of reach of that day, so DAY's build owns it (the
+    # builds of NEXT and of 3 days before see the same parent day and leave it alone).
+    _, _, clicks, _ = _attribute(
+        spark,
+        [_imp("rep")],
+        clicks=[(NEXT, {"click_id": "c", "impression_id": "rep", "ts": T0 + 200})],
+        lookback=[("2024-03-07", _imp("rep", ts=T0 - 3 * 86400))],
+    )
+    assert _status(clicks, "click_id") == {"c": (True, OUTPUT, None)}
+
+
 # --- conversions -------------------------------------------------------------------------
 
 
