@@ -40,7 +40,6 @@ from features.raw import count_lines, read_blank_lines, read_log, record_text
 
 __all__ = ["build_day", "build_days"]
 
-LOGS = ("impressions", "clicks", "conversions")
 KEEP = StorageLevel.MEMORY_AND_DISK
 
 
@@ -69,24 +68,32 @@ def _check_inputs(spark: SparkSession, raw: str, day: str, config: FeaturesConfi
             raise InputError(f"no {log} snapshot for {day}: {path} does not exist")
 
 
+def _event_days(day: str, horizon: int) -> tuple[list[str], list[str]]:
+    """The click folder days (``day - h .. day + h``) and conversion folder days
+    (``day .. day + h``) that the build of ``day`` reads."""
+    return (
+        transforms.days_around(day, horizon, horizon),
+        transforms.days_around(day, 0, horizon),
+    )
+
+
 class _EventLogs:
     """The click and conversion records of a run's days, read once and kept.
 
-    Day D's build needs click folders ``D - h .. D + h`` and conversion folders
-    ``D .. D + h`` (``h`` = the horizon); for the days ``S .. E`` of a run that is click folders
-    ``S - h .. E + h`` and conversion folders ``S .. E + h``, one reader per log. A day's
-    records are a filter on ``folder_dt`` of the kept frames.
+    The folders read are the union of each day's (:func:`_event_days`; for the days
+    ``S .. E`` of a run, click folders ``S - h .. E + h`` and conversion folders
+    ``S .. E + h``), one reader per log. A day's records are a filter on ``folder_dt`` of the
+    kept frames.
     """
 
     def __init__(self, spark: SparkSession, raw: str, days: list[str], horizon: int):
         self.horizon = horizon
-        first, last = days[0], days[-1]
-        span = transforms.days_around
-        click_days = sorted(set(span(first, horizon, 0) + span(last, 0, horizon) + days))
-        conversion_days = sorted(set(days + span(last, 0, horizon)))
+        windows = [_event_days(day, horizon) for day in days]
+        click_days = sorted({d for clicks, _ in windows for d in clicks})
+        conversion_days = sorted({d for _, conversions in windows for d in conversions})
         self.click_folders = _existing(spark, raw, "clicks", click_days)
         self.conversion_folders = _existing(spark, raw, "conversions", conversion_days)
-        with _step(spark, f"{first}..{last}", "read clicks and conversions"):
+        with _step(spark, f"{days[0]}..{days[-1]}", "read clicks and conversions"):
             self.clicks = _materialize(read_log(spark, self.click_folders, "clicks").persist(KEEP))
             self.conversions = _materialize(
                 read_log(spark, self.conversion_folders, "conversions").persist(KEEP)
@@ -94,8 +101,7 @@ class _EventLogs:
 
     def of(self, day: str) -> tuple[DataFrame, list[str], DataFrame, list[str]]:
         """Day ``day``'s click records, their folders, its conversion records, theirs."""
-        click_days = transforms.days_around(day, self.horizon, self.horizon)
-        conversion_days = transforms.days_around(day, 0, self.horizon)
+        click_days, conversion_days = _event_days(day, self.horizon)
         click_folders = sorted(d for d in click_days if d in self.click_folders)
         conversion_folders = sorted(d for d in conversion_days if d in self.conversion_folders)
         clicks = self.clicks.where(F.col("folder_dt").isin(click_folders))
