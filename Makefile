@@ -5,10 +5,11 @@ VENV ?= .venv
 AIRFLOW_VENV ?= .airflow-venv
 PY := $(VENV)/bin/python
 VAR ?= var
+DIST ?= dist
 # pytest arguments, e.g. make test PYTEST_ARGS="-k config -x"
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv airflow-venv demo experiments experiments-quick test lint format unit dist clean
+.PHONY: help setup venv airflow-venv demo experiments experiments-quick test test-hosts lint format unit dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -47,15 +48,24 @@ format: venv  ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: setup  ## set up, lint, then the whole test suite (unit + integration)
+# The multi-host test's sshd (Debian's openssh-server, as root; otherwise that test skips).
+test-hosts:  ## install what tests/test_deploy.py's test hosts need (sshd, iproute2)
+	scripts/setup_test_hosts.sh
+
+test: setup test-hosts  ## set up, lint, then the whole test suite (unit + integration)
 	$(MAKE) --no-print-directory lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv  ## the fast tests only (no integration)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-dist: venv  ## build the wheel that spark-submit --py-files ships to executors (dist/)
-	$(PY) -m pip wheel --no-deps -w dist .
+# The wheel (pip install on nodes and images) and the same code as a zip, which is what
+# spark-submit --py-files puts on the executors' path (PySpark adds .zip/.egg, not .whl).
+dist: venv  ## build the code for a cluster: $(DIST)/*.whl and $(DIST)/*.zip (spark-submit --py-files)
+	rm -rf $(DIST)
+	$(PY) -m pip wheel -q --no-deps -w $(DIST) .
+	for wheel in $(DIST)/*.whl; do cp "$$wheel" "$${wheel%-py3-none-any.whl}.zip"; done
+	@ls $(DIST)/*
 
 clean:  ## remove generated data (var/) and build outputs; keeps the environments
 	rm -rf $(VAR) build dist *.egg-info

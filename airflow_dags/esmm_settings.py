@@ -364,7 +364,13 @@ def train_command(
             *settings["train_overrides"],
         ],
     )
-    return commands.trainer(settings["bin"], settings["np"], args, hosts=settings["hosts"])
+    return commands.trainer(
+        settings["bin"],
+        settings["np"],
+        args,
+        hosts=settings["hosts"],
+        options=settings["horovodrun_options"],
+    )
 
 
 def train_script(

@@ -107,26 +107,43 @@ def spark_job(
     return [*spark_submit(bin_dir, master), job_script(name, project_root), *args]
 
 
-def horovodrun(bin_dir: str | Path = BIN, np: int | str = 2, hosts: str | None = None) -> list[str]:
-    """``horovodrun -np N -H HOSTS --gloo PYTHON`` (``HOSTS`` default ``localhost:N``); the
-    workers run that environment's python (this very interpreter for the default ``BIN``)."""
+def horovodrun(
+    bin_dir: str | Path = BIN,
+    np: int | str = 2,
+    hosts: str | None = None,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """``horovodrun -np N -H HOSTS --gloo [OPTIONS] PYTHON`` (``HOSTS`` default ``localhost:N``);
+    the workers run that environment's python (this very interpreter for the default ``BIN``).
+    ``options`` are more horovodrun flags, e.g. a multi-host run's ``--ssh-port 2222
+    --network-interface eth0`` (docs/OPERATIONS.md, "Training on several hosts").
+
+    Example:
+        >>> horovodrun("/venv/bin", 2, "hostA:1,hostB:1", ["--ssh-port", "2222"])
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['/venv/bin/horovodrun', '-np', '2', '-H', 'hostA:1,hostB:1', '--gloo',
+         '--ssh-port', '2222', '/venv/bin/python']
+    """
     python = sys.executable if Path(bin_dir) == BIN else f"{bin_dir}/python"
     return [
         f"{bin_dir}/horovodrun",
-        "-np",
-        str(np),
-        "-H",
-        hosts or f"localhost:{np}",
+        *("-np", str(np)),
+        *("-H", hosts or f"localhost:{np}"),
         "--gloo",
+        *options,
         python,
     ]
 
 
 def trainer(
-    bin_dir: str | Path, np: int | str, args: Sequence[str], hosts: str | None = None
+    bin_dir: str | Path,
+    np: int | str,
+    args: Sequence[str],
+    hosts: str | None = None,
+    options: Sequence[str] = (),
 ) -> list[str]:
     """``horovodrun ... python -m esmm.train ARGS``."""
-    return [*horovodrun(bin_dir, np, hosts), "-m", "esmm.train", *args]
+    return [*horovodrun(bin_dir, np, hosts, options), "-m", "esmm.train", *args]
 
 
 def model_server(

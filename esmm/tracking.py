@@ -15,7 +15,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,11 +246,13 @@ class RunTracker:
         train_rows: int,
         resumed_from_epoch: int | None,
         valid_date: str | None = None,
+        hosts: Sequence[str] = (),
     ) -> None:
         """Params (the whole resolved config), data tags and the training partitions' stats.
 
         ``valid_date`` (tag ``valid_date``, when given) is the partition that chose the epoch;
         per-epoch metrics on it are logged as ``valid_*``, the eval day's once as the rest.
+        ``hosts`` (tag ``hosts``, comma-separated) is the host name of each rank, in rank order.
         """
         import mlflow
 
@@ -274,6 +276,7 @@ class RunTracker:
                 "features": features,
                 "code_version": code_version(),
                 "variant": cfg.model.variant,  # type: ignore[attr-defined]
+                **({"hosts": ",".join(hosts)} if hosts else {}),
             }
         )
         mlflow.log_metric("train_rows", train_rows)

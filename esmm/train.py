@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="opt_state")
             )
 
+    # Which host each rank ran on, in rank order: the run's tag ``hosts`` (a slow or failed
+    # host of a multi-host run is then one look away).
+    hosts = hvd.allgather_object(socket.gethostname(), name="hosts")
     tracker = None
     if is_chief:
         from esmm.tracking import RunTracker
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg=cfg,
             fields=fields,
             workers=size,
+            hosts=hosts,
             train_dates=args.train_dates,
             eval_date=args.eval_date,
             valid_date=args.valid_date,

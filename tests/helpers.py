@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def serve(
     command: Sequence[str],
@@ -120,9 +128,11 @@ def serve(
     env: Mapping[str, str],
     what: str,
     timeout: float = 120,
+    answers: Callable[[str], bool] | None = None,
 ) -> Iterator[str]:
-    """Run a server ``command`` (output to ``log_path``) until ``url + probe`` answers 200;
-    yield ``url``; stop it afterwards, also when the test fails."""
+    """Run a server ``command`` (output to ``log_path``) until ``url + probe`` answers 200
+    (asked by ``answers(url + probe)`` when given: a server in a network namespace is asked
+    from inside it); yield ``url``; stop it afterwards, also when the test fails."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("w")
     proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env))
@@ -131,12 +141,8 @@ def serve(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}{probe}", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
+            if (answers or _answers_200)(f"{url}{probe}"):
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not answer on {url} within {timeout}s")
             time.sleep(0.5)
@@ -152,24 +158,40 @@ def serve(
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path, timeout: float = 120) -> Iterator[str]:
-    """Start ``mlflow server`` on 127.0.0.1 over SQLite under ``root``; yield its URI.
+def start_mlflow_server(
+    root: Path,
+    timeout: float = 120,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    prefix: Sequence[str] = (),
+    answers: Callable[[str], bool] | None = None,
+) -> Iterator[str]:
+    """Start ``mlflow server`` on ``host`` over SQLite under ``root``; yield its URI.
 
     The server gets its own artifact store (``--artifacts-destination``) and is served with
     ``--serve-artifacts``, as a remote team server would be, so clients upload artifacts
-    through HTTP rather than writing to a shared folder.
+    through HTTP rather than writing to a shared folder. ``prefix`` runs it through another
+    command (``ip netns exec NS``), ``answers`` then asks it from there (see :func:`serve`).
     """
-    port = free_port()
+    port = port or free_port()
     command = [
+        *prefix,
         str(VENV_BIN / "mlflow"),
-        *("server", "--host", "127.0.0.1", "--port", str(port)),
+        *("server", "--host", host, "--port", str(port)),
         *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
         *("--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"),
         *("--workers", "1"),
     ]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     with serve(
-        command, url, "/health", root / "server.log", project_env(), "mlflow server", timeout
+        command,
+        url,
+        "/health",
+        root / "server.log",
+        project_env(),
+        "mlflow server",
+        timeout,
+        answers,
     ) as uri:
         yield uri
 
@@ -219,3 +241,21 @@ def run_command(
         timeout=timeout,
         check=False,
     )
+
+
+def built_partition(out: Path, day: str):
+    """A built day as comparable values: its rows sorted by id, its stats (less where the
+    look-back ids came from) and its quarantine records sorted."""
+    import json
+
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(out / f"dt={day}"), format="parquet").to_table().to_pandas()
+    rows = table.sort_values("impression_id").reset_index(drop=True)
+    day_stats = json.loads((out / "_stats" / f"dt={day}.json").read_text())
+    sources = day_stats.pop("lookback_from")
+    quarantine = ds.dataset(
+        str(out / "_quarantine" / f"dt={day}"), format="parquet", partitioning="hive"
+    ).to_table()
+    records = sorted(map(tuple, quarantine.to_pandas().astype(str).values.tolist()))
+    return rows, day_stats, records, sources

@@ -23,7 +23,7 @@ from features import stats, transforms
 from features.config import AttributionConfig, FeaturesConfig
 from features.raw import count_lines, read_log
 from features.transforms import DEDUPLICATED, OUTPUT, QUARANTINED, Reason
-from tests.helpers import VENV_BIN, run_command
+from tests.helpers import VENV_BIN, built_partition, run_command
 
 # One shuffle partition and no code generation for the whole module (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("small_data_spark")
@@ -617,26 +617,10 @@ def test_rerunning_a_day_replaces_it_with_identical_rows(two_built_days, spark, 
         .equals(after.sort_values(key).reset_index(drop=True))
     )
     # A one-day run of day 1 equals the two-day run's day 1: stats and quarantine too.
-    assert _partition(out, "2024-01-01")[1:] == _partition(built, "2024-01-01")[1:]
+    assert built_partition(out, "2024-01-01")[1:] == built_partition(built, "2024-01-01")[1:]
     assert sorted(p.name for p in day_dir.glob("*.parquet")) != files_before  # really rewritten
     assert not list((out / "_tmp").glob("*"))  # nothing staged is left behind
     assert (out / "dt=2024-01-02").is_dir()  # the other day is untouched
-
-
-def _partition(out: Path, day: str):
-    """A built day as comparable values: its rows sorted by id, its stats (less where the
-    look-back ids came from) and its quarantine records sorted."""
-    import pyarrow.dataset as ds
-
-    table = ds.dataset(str(out / f"dt={day}"), format="parquet").to_table().to_pandas()
-    rows = table.sort_values("impression_id").reset_index(drop=True)
-    day_stats = json.loads((out / "_stats" / f"dt={day}.json").read_text())
-    sources = day_stats.pop("lookback_from")
-    quarantine = ds.dataset(
-        str(out / "_quarantine" / f"dt={day}"), format="parquet", partitioning="hive"
-    ).to_table()
-    records = sorted(map(tuple, quarantine.to_pandas().astype(str).values.tolist()))
-    return rows, day_stats, records, sources
 
 
 @pytest.mark.integration
@@ -655,11 +639,11 @@ def test_a_multi_day_build_equals_single_day_builds_row_for_row(two_built_days, 
     build_features.run(spark, _build_args(raw, after_day_1, "2024-01-02"))
     # ...and with nothing published before it: its look-back ids come from the raw logs.
     build_features.run(spark, _build_args(raw, alone, "2024-01-02"))
-    want_rows, want_stats, want_records, want_sources = _partition(built, "2024-01-02")
+    want_rows, want_stats, want_records, want_sources = built_partition(built, "2024-01-02")
     # The multi-day run read day 1's ids from the table it had just published.
     assert want_sources == {"2024-01-01": "table"}
     for out, lookback in ((after_day_1, "table"), (alone, "raw")):
-        rows, day_stats, records, sources = _partition(out, "2024-01-02")
+        rows, day_stats, records, sources = built_partition(out, "2024-01-02")
         assert rows.equals(want_rows), out.name
         assert day_stats == want_stats and records == want_records, out.name
         assert sources == {"2024-01-01": lookback}

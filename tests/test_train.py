@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import mlflow
@@ -84,6 +85,7 @@ def test_horovodrun_trains_esmm_and_registers_it_on_the_server(
     assert len(client.get_metric_history(run.info.run_id, "ctr_auc")) == 2  # one per epoch
     assert run.data.params["model.variant"] == "esmm"
     assert run.data.params["workers"] == "2"
+    assert run.data.tags["hosts"].split(",") == [socket.gethostname()] * 2  # each rank's host
     assert run.data.tags["train_dates"] == f"{DAYS[0]}..{DAYS[1]}"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/roc.png", "plots/calibration.png"}
