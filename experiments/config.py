@@ -163,6 +163,17 @@ class CeilingConfig(StrictModel):
     seeds: int | None = Field(default=None, ge=1)
 
 
+class ReferenceAblationConfig(StrictModel):
+    """torch-rechub's ESMM with one of its defaults at a time replaced by the project's
+    (experiments/reference.py ``CHANGES``), beside its defaults and the project's ESMM."""
+
+    dataset: str | None = Field(default=None, description="a name in datasets; null = data")
+    changes: list[Literal["no-batchnorm", "init-0.01", "sum-pooling", "no-embedding-decay"]] = (
+        Field(min_length=1)
+    )
+    seeds: int | None = Field(default=None, ge=1)
+
+
 class ExperimentConfig(StrictModel):
     """``conf/experiment.yaml``. ``quick`` holds overrides of this file that ``--quick``
     applies (fewer seeds, smaller data); command-line ``--set`` overrides come last."""
@@ -188,6 +199,7 @@ class ExperimentConfig(StrictModel):
     map: MapConfig | None = None
     memorisation: MemorisationConfig | None = None
     ceiling: CeilingConfig | None = None
+    reference_ablation: ReferenceAblationConfig | None = None
     quick: list[str] = Field(default_factory=list)
 
     def seeds_for(self, count: int | None) -> list[int]:
@@ -228,6 +240,8 @@ class ExperimentConfig(StrictModel):
         named = [*(self.map.levels if self.map else [])]
         named += self.memorisation.datasets if self.memorisation else []
         named += [self.ceiling.dataset] if self.ceiling and self.ceiling.dataset else []
+        ablation = self.reference_ablation
+        named += [ablation.dataset] if ablation and ablation.dataset else []
         unknown = sorted({name for name in named if name not in self.datasets})
         if unknown:
             raise ValueError(

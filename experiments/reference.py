@@ -41,9 +41,18 @@ from contract.fields import FieldsConfig
 from contract.layout import as_url, partition_dir
 from contract.schema import CLICK, CONVERSION, IMPRESSION_ID
 
-__all__ = ["build_reference_model", "compact_ids", "main", "read_split"]
+__all__ = ["CHANGES", "build_reference_model", "compact_ids", "main", "read_split"]
 
 PROG = "experiments.reference"
+
+# One of torch-rechub's defaults replaced by the project's (``--change``): the ablation that
+# asks which difference between the two models costs torch-rechub its points on sparse data.
+CHANGES = {
+    "no-batchnorm": "towers without BatchNorm (ours have none; torch-rechub's MLP has one a layer)",
+    "init-0.01": "embeddings initialised N(0, 0.01) (ours), not torch-rechub's N(0, 1e-4)",
+    "sum-pooling": "bags sum-pooled (ours, the paper's), not torch-rechub's mean",
+    "no-embedding-decay": "no weight decay on the embeddings (ours), the towers keep 1e-5",
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -75,6 +84,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="with --optimizer project: the factor the project's trainer applies for its "
         "workers (scale_lr_by_workers), e.g. 2 to match horovodrun -np 2",
+    )
+    parser.add_argument(
+        "--change",
+        action="append",
+        default=[],
+        choices=sorted(CHANGES),
+        help="replace one of torch-rechub's defaults by the project's (repeatable): "
+        + "; ".join(f"{k}: {v}" for k, v in CHANGES.items()),
     )
     parser.add_argument("--run-name", default="esmm (torch-rechub)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run")
@@ -141,29 +158,88 @@ def compact_ids(splits: Sequence[dict], fields: FieldsConfig) -> dict[str, int]:
 
 
 def build_reference_model(
-    fields: FieldsConfig, embedding_dim: int, hidden_dims: list[int], sizes: dict[str, int]
+    fields: FieldsConfig,
+    embedding_dim: int,
+    hidden_dims: list[int],
+    sizes: dict[str, int],
+    changes: Sequence[str] = (),
 ):
     """torch-rechub's ESMM over ``fields``: ``user_*`` fields as its user features, the rest
     (item and context) as its item features; both towers ``hidden_dims``; ``sizes`` are the
-    tables' row counts (:func:`compact_ids`)."""
+    tables' row counts (:func:`compact_ids`); ``changes`` (keys of :data:`CHANGES`) replace
+    its model defaults by the project's.
+
+    Example:
+        >>> from contract.fields import FieldSpec
+        >>> fields = FieldsConfig(fields=[
+        ...     FieldSpec(name="user_id", kind="single", source="users.u", num_buckets=9),
+        ...     FieldSpec(name="bag", kind="multi", source="items.b", num_buckets=9, max_len=2)])
+        >>> import torch
+        >>> model = build_reference_model(fields, 4, [8], {"user_id": 9, "bag": 9})
+        >>> any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+        True
+        >>> model = build_reference_model(fields, 4, [8], {"user_id": 9, "bag": 9},
+        ...                               ["no-batchnorm", "sum-pooling"])
+        >>> any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+        False
+        >>> [f.pooling for f in model.item_features]
+        ['sum']
+    """
+    import torch
     from torch_rechub.basic.features import SequenceFeature, SparseFeature
+    from torch_rechub.basic.initializers import RandomNormal
     from torch_rechub.models.multi_task import ESMM
+
+    unknown = sorted(set(changes) - set(CHANGES))
+    if unknown:
+        raise ValueError(f"unknown changes {unknown}; known: {sorted(CHANGES)}")
+    extra = {}
+    if "init-0.01" in changes:
+        from esmm.model import EMBEDDING_INIT_STD
+
+        extra["initializer"] = RandomNormal(0.0, EMBEDDING_INIT_STD)
+    pooling = "sum" if "sum-pooling" in changes else "mean"
 
     def feature(spec):
         if spec.kind == "single":
-            return SparseFeature(spec.name, vocab_size=sizes[spec.name], embed_dim=embedding_dim)
+            return SparseFeature(
+                spec.name, vocab_size=sizes[spec.name], embed_dim=embedding_dim, **extra
+            )
         return SequenceFeature(
             spec.name,
             vocab_size=sizes[spec.name],
             embed_dim=embedding_dim,
-            pooling="mean",
+            pooling=pooling,
             padding_idx=0,
+            **extra,
         )
 
     user = [feature(s) for s in fields.fields if s.name.startswith("user_")]
     item = [feature(s) for s in fields.fields if not s.name.startswith("user_")]
     tower = {"dims": list(hidden_dims), "activation": "relu", "dropout": 0.0}
-    return ESMM(user, item, cvr_params=dict(tower), ctr_params=dict(tower))
+    model = ESMM(user, item, cvr_params=dict(tower), ctr_params=dict(tower))
+    if "no-batchnorm" in changes:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.BatchNorm1d):
+                    setattr(parent, name, torch.nn.Identity())
+    return model
+
+
+def decay_all_but_embeddings(model, lr: float = 1e-3, weight_decay: float = 1e-5):
+    """torch-rechub's default Adam (lr 1e-3, weight decay 1e-5) with no decay on the
+    embedding tables (the ``no-embedding-decay`` change)."""
+    import torch
+
+    embeddings = [p for n, p in model.named_parameters() if n.startswith("embedding.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("embedding.")]
+    return torch.optim.Adam(
+        [
+            {"params": rest, "weight_decay": weight_decay},
+            {"params": embeddings, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
 
 class _Optimizers:
@@ -286,10 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = read_split(args.features, test_days, fields)
     oracle = load_oracle(args.oracle, valid_days + test_days) if args.oracle else None
     sizes = compact_ids([train, valid, test], fields)
-    model = build_reference_model(fields, cfg.model.embedding_dim, cfg.model.hidden_dims, sizes)
+    model = build_reference_model(
+        fields, cfg.model.embedding_dim, cfg.model.hidden_dims, sizes, args.change
+    )
     trainer = MTLTrainer(model, task_types=["classification"] * 3, device="cpu")
     if args.optimizer != "torch-rechub":
+        if "no-embedding-decay" in args.change:
+            print(f"{PROG}: error: --change no-embedding-decay is of torch-rechub's optimizer; "
+                  f"--optimizer {args.optimizer} has no decay anyway", file=sys.stderr)  # fmt: skip
+            return 2
         trainer.optimizer = project_optimizer(model, cfg.optim, args.lr_scale, args.optimizer)
+    elif "no-embedding-decay" in args.change:
+        trainer.optimizer = decay_all_but_embeddings(model)
     rule = EpochRule(cfg.selection)
 
     uri = resolve_tracking_uri(cfg.tracking)
@@ -316,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": cfg.data.batch_size,
                 "embedding_dim": cfg.model.embedding_dim,
                 "hidden_dims": str(cfg.model.hidden_dims),
+                "changes": ",".join(args.change) or "none",
                 "optimizer": {
                     "torch-rechub": "Adam lr=1e-3 weight_decay=1e-5 (torch-rechub's default)",
                     "project": f"Adam lr={cfg.optim.lr * args.lr_scale:g} (towers), "

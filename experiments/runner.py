@@ -362,6 +362,8 @@ def reference_command(
     if spec.implementation in REFERENCE_DIAGNOSTICS:
         command += ["--optimizer", REFERENCE_DIAGNOSTICS[spec.implementation]]
         command += ["--lr-scale", str(ctx.cfg.np)]
+    elif spec.implementation.startswith("torch-rechub+"):  # one change (reference.CHANGES)
+        command += ["--change", spec.implementation.removeprefix("torch-rechub+")]
     if data.oracle:
         command += ["--oracle", data.oracle]
     if parent_run_id:

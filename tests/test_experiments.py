@@ -19,6 +19,7 @@ from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
 from contract.config import ConfigError
 from esmm.losses import TaskWeights
 from experiments import cli, config, runner, tables
+from experiments import reference as reference_module
 from tests.helpers import run_command
 
 CONFIG = "conf/experiment.yaml"
@@ -598,6 +599,37 @@ def test_the_torch_rechub_reference_is_its_own_training_with_the_same_inputs(tmp
     no_valid = dataclasses.replace(paths, valid_dates=None)
     with pytest.raises(ConfigError, match="needs a validation day"):
         runner.reference_command(ctx, reference[0], no_valid, None, tmp_path / "k.json", [])
+    # the ablation: one change a run, its own key, torch-rechub's optimizer otherwise
+    changed = dataclasses.replace(reference[0], implementation="torch-rechub+no-batchnorm")
+    assert changed.key(cfg) not in {reference[0].key(cfg), diagnostic.key(cfg)}
+    ablated = runner.reference_command(ctx, changed, paths, None, tmp_path / "k.json", [])
+    assert " --change no-batchnorm " in " ".join(ablated) + " " and "--optimizer" not in ablated
+    assert set(cfg.reference_ablation.changes) == set(reference_module.CHANGES)
+
+
+def test_the_reference_ablation_table_gaps_each_change_to_torch_rechubs_defaults():
+    def runs(label, cvr):
+        return [
+            runner.RunResult(
+                runner.RunSpec(label, "esmm", seed, config.DataSpec()),
+                f"{label}-{seed}",
+                {"cvr_auc": c, "ctcvr_auc": 0.7, "entire_space_cvr_auc": 0.6, "kept_epoch": 1.0},
+                1.0,
+                False,
+            )
+            for seed, c in enumerate(cvr, 1)
+        ]
+
+    results = [
+        *runs("rechub", [0.70, 0.72]),
+        *runs("rechub + x", [0.73, 0.75]),
+        *runs("esmm", [0.74, 0.74]),
+    ]
+    table = tables.reference_ablation_table(results, "rechub", "esmm")
+    rows = {row[0]: row for row in table.rows}
+    assert rows["rechub"][2] == "-"
+    assert rows["rechub + x"][2] == tables.fmt_gap(0.03, math.sqrt(2 * 0.0002 / 2))
+    assert rows["esmm"][1] == tables.fmt_auc(0.74, 0.0) and rows["esmm"][-1] == "1"
 
 
 def test_the_torch_rechub_reference_trains_and_keeps_its_best_validation_epoch(
