@@ -285,6 +285,11 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
         )
     data = prepare_dataset(ctx, spec.data)
     checkpoints = ctx.workdir / "checkpoints" / key
+    # An interrupted training (killed, machine gone) goes on from its last finished epoch:
+    # the checkpoint holds the weights, optimizers, the epoch rule's state and its MLflow run.
+    resume = (checkpoints / "last.pt").is_file() and not spec.implementation.startswith(
+        "torch-rechub"
+    )
     overrides = [
         f"seed={spec.seed}",
         f"model.variant={spec.variant}",
@@ -313,8 +318,11 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
                 summary_json=summary_path.with_suffix(".trainer.json"),
                 no_progress=True,
                 sets=overrides,
-            ),
+            )
+            + (["--resume"] if resume else []),
         )
+        if resume:
+            print(f"train {spec.label} seed {spec.seed}: resuming from {checkpoints / 'last.pt'}")
     seconds = commands.run_step(
         f"train {spec.label} seed {spec.seed}",
         command,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -706,3 +707,33 @@ def test_ceiling_table_reports_the_share_of_the_gap_to_the_oracle_that_data_clos
     assert cli.preset_volume("sparse") == 250_000
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         cli.preset_volume("huge")
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A training whose checkpoint survives (the run was killed) is started with --resume;
+    one without a checkpoint starts afresh."""
+    from tests.feature_fixtures import small_fields, write_feature_day
+
+    commands_run = []
+
+    def run_step(title, command, *args, **kwargs):
+        commands_run.append(command)
+        summary = Path(command[command.index("--summary-json") + 1])
+        summary.write_text(json.dumps({"run_id": "r", "metrics": {"cvr_auc": 0.7}}))
+        return 1.0
+
+    monkeypatch.setattr(runner.commands, "run_step", run_step)
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"):
+        write_feature_day(tmp_path / "f", day, small_fields(), rows=8)
+    given = config.DataSpec(features=str(tmp_path / "f"), train_days=2, valid_days=1, eval_days=1)
+    cfg = config.load_experiment_config(CONFIG, True, [f"workdir={tmp_path}"])
+    ctx = runner.Context(cfg, tmp_path, "sqlite:///unused.db", "0")
+    fresh, killed = (runner.RunSpec("esmm", "esmm", seed, given) for seed in (1, 2))
+    checkpoint = tmp_path / "checkpoints" / killed.key(cfg) / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights of a finished epoch")
+    runner.train(ctx, fresh, None)
+    runner.train(ctx, killed, None)
+    assert "--resume" not in commands_run[0]
+    assert commands_run[1][-1] == "--resume"
+    assert commands_run[1][commands_run[1].index("--checkpoint-dir") + 1] == str(checkpoint.parent)
