@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import PROJECT_ROOT, VENV_BIN, free_port
+from tests.helpers import PROJECT_ROOT, VENV_BIN, die_with_parent, free_port
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,12 @@ def standalone_cluster(root: Path, workers: int = 2, timeout: float = 90) -> Ite
         with log.open("w") as out:
             procs.append(
                 subprocess.Popen(
-                    command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
                 )
             )
 

@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.helpers import die_with_parent
+
 SSHD = Path("/usr/sbin/sshd")
 SSH_PORT = 2222
 SUBNET = "10.77.0"
@@ -270,6 +272,7 @@ def host_network(root: Path, names: Sequence[str] = ("hostA", "hostB")) -> Itera
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        preexec_fn=die_with_parent,
                     )
                 )
             _wait_for_port(launcher, addresses[name], SSH_PORT, 20, log)
