@@ -285,11 +285,6 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
         )
     data = prepare_dataset(ctx, spec.data)
     checkpoints = ctx.workdir / "checkpoints" / key
-    # An interrupted training (killed, machine gone) goes on from its last finished epoch:
-    # the checkpoint holds the weights, optimizers, the epoch rule's state and its MLflow run.
-    resume = (checkpoints / "last.pt").is_file() and not spec.implementation.startswith(
-        "torch-rechub"
-    )
     overrides = [
         f"seed={spec.seed}",
         f"model.variant={spec.variant}",
@@ -303,6 +298,10 @@ def train(ctx: Context, spec: RunSpec, parent_run_id: str | None) -> RunResult:
     if spec.implementation.startswith("torch-rechub"):
         command = reference_command(ctx, spec, data, parent_run_id, summary_path, overrides)
     else:
+        # An interrupted training (killed, machine gone) goes on from its last finished epoch:
+        # the checkpoint holds the weights, optimizers, the epoch rule's state and its MLflow
+        # run. (torch-rechub's reference keeps no checkpoint.)
+        resume = (checkpoints / "last.pt").is_file()
         command = commands.trainer(
             commands.BIN,
             ctx.cfg.np,

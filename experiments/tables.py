@@ -433,6 +433,26 @@ MEMORISATION_METRICS = (
 )
 
 
+def _gap_cells(
+    reference: Sequence[RunResult],
+    runs: Sequence[RunResult],
+    metrics: Sequence[str],
+    is_reference: bool,
+) -> tuple[list[str], list[float]]:
+    """One row's cells for ``runs`` against ``reference``: per metric its mean ± std and its
+    gap ± standard error (``-`` on the reference row itself), then the kept epoch; and the
+    CSV values (mean, std, gap, gap s.e. per metric, then the mean kept epoch)."""
+    cells: list[str] = []
+    values: list[float] = []
+    for metric in metrics:
+        gap, err = gap_with_error(reference, runs, metric)
+        cells += [fmt_auc(*stat(runs, metric)), "-" if is_reference else fmt_gap(gap, err)]
+        values += [*stat(runs, metric), gap, err]
+    cells.append(fmt_epoch(*stat(runs, "kept_epoch")))
+    values.append(stat(runs, "kept_epoch")[0])
+    return cells, values
+
+
 def memorisation_table(
     results_by_dataset: dict[str, list[RunResult]], variants: Sequence[str], reference: str
 ) -> Table:
@@ -458,15 +478,11 @@ def memorisation_table(
             row = [dataset, label]
             for v in variants:
                 runs = by_variant.get(v, [])
-                csv_row: list[Any] = [dataset, label, v, len(runs)]
-                for metric, _ in MEMORISATION_METRICS:
-                    row.append(fmt_auc(*stat(runs, metric)))
-                    gap, err = gap_with_error(ref.get(v, []), runs, metric)
-                    row.append("-" if label == reference else fmt_gap(gap, err))
-                    csv_row += [*stat(runs, metric), gap, err]
-                row.append(fmt_epoch(*stat(runs, "kept_epoch")))
-                csv_row.append(stat(runs, "kept_epoch")[0])
-                csv_rows.append(csv_row)
+                cells, values = _gap_cells(
+                    ref.get(v, []), runs, [m for m, _ in MEMORISATION_METRICS], label == reference
+                )
+                row += cells
+                csv_rows.append([dataset, label, v, len(runs), *values])
             rows.append(row)
     return Table(
         "memorisation",
@@ -635,15 +651,9 @@ def reference_ablation_table(results: Sequence[RunResult], reference: str, ours:
     ref = by_label.get(reference, [])
     rows, csv_rows = [], []
     for label, runs in by_label.items():
-        row, csv_row = [label], [label, len(runs)]
-        for metric, _ in ABLATION_METRICS:
-            gap, err = gap_with_error(ref, runs, metric)
-            row += [fmt_auc(*stat(runs, metric)), "-" if label == reference else fmt_gap(gap, err)]
-            csv_row += [*stat(runs, metric), gap, err]
-        row.append(fmt_epoch(*stat(runs, "kept_epoch")))
-        csv_row.append(stat(runs, "kept_epoch")[0])
-        rows.append(row)
-        csv_rows.append(csv_row)
+        cells, values = _gap_cells(ref, runs, [m for m, _ in ABLATION_METRICS], label == reference)
+        rows.append([label, *cells])
+        csv_rows.append([label, len(runs), *values])
     return Table(
         "reference_ablation",
         "torch-rechub's ESMM, one default at a time replaced by the project's",

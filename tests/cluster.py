@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import PROJECT_ROOT, VENV_BIN, die_with_parent, free_port
+from tests.helpers import PROJECT_ROOT, VENV_BIN, die_with_parent, free_port, stop_process_groups
 
 
 @dataclass(frozen=True)
@@ -130,18 +129,8 @@ def standalone_cluster(root: Path, workers: int = 2, timeout: float = 90) -> Ite
             time.sleep(0.5)
         yield cluster
     finally:
-        # Workers first (they stop their executors), then the master; the process groups
-        # catch anything left behind.
-        for proc in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        # Workers first (they stop their executors), then the master.
+        stop_process_groups(procs, timeout=20)
 
 
 def node_python(root: Path) -> Path:

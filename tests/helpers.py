@@ -6,8 +6,10 @@ Kept out of conftest.py so that scripts and benchmarks can use them too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -104,15 +106,31 @@ def run_horovodrun(
     return HorovodResult(proc.returncode, split_by_rank(output), output)
 
 
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here, not in a forked child
+_PR_SET_PDEATHSIG = 1
+
+
 def die_with_parent() -> None:
     """``preexec_fn`` of a server a test starts: the kernel sends it SIGTERM when the test
     process dies (killed by a CI timeout, say), which skips every ``finally`` that would have
     stopped it (Linux ``prctl(PR_SET_PDEATHSIG)``; it survives the ``exec`` of the server)."""
-    import ctypes
-    import signal
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+def stop_process_groups(procs: Sequence[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM the process group of each of ``procs`` (started with ``start_new_session``),
+    last started first, then wait for each; a group still there after ``timeout`` seconds
+    gets SIGKILL. Children the daemons started (executors, sshd sessions) go with them."""
+    for proc in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def free_port() -> int:

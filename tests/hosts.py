@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import die_with_parent
+from tests.helpers import die_with_parent, stop_process_groups
 
 SSHD = Path("/usr/sbin/sshd")
 SSH_PORT = 2222
@@ -280,14 +280,7 @@ def host_network(root: Path, names: Sequence[str] = ("hostA", "hostB")) -> Itera
             launcher, launcher_address, namespaces, addresses, identity, SSH_PORT, "eth0"
         )
     finally:
-        for proc in sshds:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in sshds:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups(sshds, timeout=10)
         for namespace in made:
             _kill_namespace(namespace)
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
