@@ -37,13 +37,18 @@ def get_spark(
     launched_by_spark_submit = "PYSPARK_GATEWAY_PORT" in os.environ
     if master and not launched_by_spark_submit:
         builder = builder.config("spark.master", master)
+    # UTC JVMs, without taking the JVM options a user gives (spark-submit's --conf
+    # spark.{driver,executor}.extraJavaOptions, e.g. GC or heap-dump flags): the executors get
+    # it from the TZ variable, and the driver's option is only set where this call launches
+    # the driver's JVM (under spark-submit it is already running).
     builder = (
         builder.config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-        .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
-        .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
+        .config("spark.executorEnv.TZ", "UTC")
     )
+    if not launched_by_spark_submit:
+        builder = builder.config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
     if shuffle_partitions is not None:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
     for key, value in (conf or {}).items():

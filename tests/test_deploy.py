@@ -154,6 +154,9 @@ def submit(cluster, deployment, job: str, args: list[str], cwd, env=None):
     app, python, _ = deployment
     command = [
         *commands.spark_submit(VENV_BIN, cluster.master_url, driver_memory="2g"),
+        # a user's executor JVM options reach the executors (features.spark keeps them); this
+        # one is the tests' short-lived-JVM setting (tests/conftest.py)
+        *("--conf", f"spark.executor.extraJavaOptions={EXECUTOR_JAVA_OPTIONS}"),
         *("--py-files", str(app.py_files)),
         app.job(job),
         *args,
@@ -171,6 +174,18 @@ def submit(cluster, deployment, job: str, args: list[str], cwd, env=None):
     (cwd / f"{job}.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return done
+
+
+EXECUTOR_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+
+
+def _executor_commands(cluster, app_id: str) -> list[str]:
+    """The java command line of each executor of ``app_id`` (the first line of its log)."""
+    return [
+        log.read_text().splitlines()[0]
+        for work in cluster.work_dirs
+        for log in sorted((work / app_id).glob("*/stderr"))
+    ]
 
 
 def _app_ids(cluster) -> set[str]:
@@ -239,6 +254,8 @@ def test_the_jobs_run_on_a_standalone_cluster_from_the_shipped_zip_as_they_run_l
     for job, app_id in apps.items():
         per_worker = _tasks_by_worker(cluster, app_id)
         assert all(tasks > 0 for tasks in per_worker), (job, per_worker)
+        for command in _executor_commands(cluster, app_id):
+            assert f'"{EXECUTOR_JAVA_OPTIONS}"' in command, (job, command)
 
     local_raw = raw_logs(*RAW_ARGS)
     for log in ("impressions", "clicks", "conversions"):
