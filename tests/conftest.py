@@ -28,7 +28,12 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from tests.helpers import HorovodResult, run_horovodrun, start_mlflow_server  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    SHORT_LIVED_JVM_OPTIONS,
+    HorovodResult,
+    run_horovodrun,
+    start_mlflow_server,
+)
 
 # Spark and torch each default to all cores; on 2-core CI, keep torch from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -40,7 +45,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 # spark-submit, the session's launcher and spark-class's daemons (the test cluster) read
 # these; subprocesses inherit them.
 for _variable in ("SPARK_SUBMIT_OPTS", "SPARK_DAEMON_JAVA_OPTS"):
-    os.environ.setdefault(_variable, "-XX:TieredStopAtLevel=1")
+    os.environ.setdefault(_variable, SHORT_LIVED_JVM_OPTIONS)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ from contract import commands
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# The tests' JVMs: C1 only (tests/conftest.py says why).
+SHORT_LIVED_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 # horovodrun prefixes each line of a rank's output with "[<rank>]<stdout>:" / "[<rank>]<stderr>:".
 _RANK_PREFIX = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")

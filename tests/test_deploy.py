@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +21,7 @@ from tests.cluster import application, cluster_env, node_python, standalone_clus
 from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
 from tests.helpers import (
     PROJECT_ROOT,
+    SHORT_LIVED_JVM_OPTIONS,
     VENV_BIN,
     built_partition,
     project_env,
@@ -156,7 +158,7 @@ def submit(cluster, deployment, job: str, args: list[str], cwd, env=None):
         *commands.spark_submit(VENV_BIN, cluster.master_url, driver_memory="2g"),
         # a user's executor JVM options reach the executors (features.spark keeps them); this
         # one is the tests' short-lived-JVM setting (tests/conftest.py)
-        *("--conf", f"spark.executor.extraJavaOptions={EXECUTOR_JAVA_OPTIONS}"),
+        *("--conf", f"spark.executor.extraJavaOptions={SHORT_LIVED_JVM_OPTIONS}"),
         *("--py-files", str(app.py_files)),
         app.job(job),
         *args,
@@ -176,15 +178,15 @@ def submit(cluster, deployment, job: str, args: list[str], cwd, env=None):
     return done
 
 
-EXECUTOR_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+def _executor_logs(cluster, app_id: str) -> list[list[Path]]:
+    """Each worker's executor logs of ``app_id``."""
+    return [sorted((work / app_id).glob("*/stderr")) for work in cluster.work_dirs]
 
 
 def _executor_commands(cluster, app_id: str) -> list[str]:
     """The java command line of each executor of ``app_id`` (the first line of its log)."""
     return [
-        log.read_text().splitlines()[0]
-        for work in cluster.work_dirs
-        for log in sorted((work / app_id).glob("*/stderr"))
+        log.read_text().splitlines()[0] for logs in _executor_logs(cluster, app_id) for log in logs
     ]
 
 
@@ -195,8 +197,8 @@ def _app_ids(cluster) -> set[str]:
 def _tasks_by_worker(cluster, app_id: str) -> list[int]:
     """How many tasks each worker's executors ran for ``app_id`` (their logs)."""
     return [
-        sum(log.read_text().count("Running task") for log in (work / app_id).glob("*/stderr"))
-        for work in cluster.work_dirs
+        sum(log.read_text().count("Running task") for log in logs)
+        for logs in _executor_logs(cluster, app_id)
     ]
 
 
@@ -255,7 +257,7 @@ def test_the_jobs_run_on_a_standalone_cluster_from_the_shipped_zip_as_they_run_l
         per_worker = _tasks_by_worker(cluster, app_id)
         assert all(tasks > 0 for tasks in per_worker), (job, per_worker)
         for command in _executor_commands(cluster, app_id):
-            assert f'"{EXECUTOR_JAVA_OPTIONS}"' in command, (job, command)
+            assert f'"{SHORT_LIVED_JVM_OPTIONS}"' in command, (job, command)
 
     local_raw = raw_logs(*RAW_ARGS)
     for log in ("impressions", "clicks", "conversions"):
