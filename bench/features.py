@@ -193,7 +193,15 @@ def main() -> int:
         "--reuse", action="store_true", help="reuse the raw days already in --work-dir"
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
+    parser.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Spark setting for the session, e.g. spark.sql.adaptive.enabled=false (repeatable)",
+    )
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.conf)
     # The local JVM reads its heap size at launch: the default 1g would make both sides spill.
     os.environ.setdefault(
         "PYSPARK_SUBMIT_ARGS", f"--driver-memory {args.driver_memory} pyspark-shell"
@@ -210,6 +218,7 @@ def main() -> int:
             "spark.eventLog.enabled": "true",
             "spark.eventLog.dir": str(events),
             "spark.ui.showConsoleProgress": "false",
+            **extra,
         },
     )
     preset = load_config(

@@ -37,6 +37,7 @@ from experiments.runner import (
 from experiments.tables import (
     Table,
     bias_sweep_table,
+    ceiling_gain_table,
     ceiling_table,
     comparison_table,
     dataset_table,
@@ -283,8 +284,11 @@ def cmd_ceiling(ctx: Context, parent: str, out: Path) -> Outcome:
     more = train_all(
         ctx, [RunSpec(v, v, s, scaled) for v in section.variants for s in seeds], parent
     )
-    table = ceiling_table(base, more, section.variants, section.factor)
-    return Outcome([table], table.write(out), [*base, *more])
+    made = [ceiling_table(base, more, section.variants, section.factor)]
+    if "base" in section.variants and len(section.variants) > 1:
+        made.append(ceiling_gain_table(base, more, section.variants, section.factor))
+    files = [path for table in made for path in table.write(out)]
+    return Outcome(made, files, [*base, *more])
 
 
 def cmd_reference_ablation(ctx: Context, parent: str, out: Path) -> Outcome:

@@ -31,6 +31,7 @@ __all__ = [
     "ORACLE",
     "Table",
     "bias_sweep_table",
+    "ceiling_gain_table",
     "ceiling_table",
     "comparison_table",
     "fmt_auc",
@@ -625,6 +626,58 @@ def ceiling_table(
             "open with more data is what the model cannot learn; what closes was data-limited. "
             f"The {factor}x dataset has the same preset, population and days, {factor}x the "
             "impressions a day, so its test days are larger samples of the same distribution.",
+        ],
+    )
+
+
+def ceiling_gain_table(
+    base: Sequence[RunResult],
+    scaled: Sequence[RunResult],
+    variants: Sequence[str],
+    factor: int,
+    reference: str = "base",
+) -> Table:
+    """Per variant other than ``reference``: its gain over ``reference`` ± its standard error
+    on the dataset and on ``factor`` × its data, per metric of :data:`MAP_METRICS`, and how the
+    gain changes with the data: does a sparse-data gain hold once data are plentiful?"""
+    header, csv_header = ["model"], ["model"]
+    for _, where in MAP_METRICS:
+        header += [f"− {reference}, 1x ({where})", f"− {reference}, {factor}x", "change"]
+        csv_header += [
+            f"{where}_gap_1x",
+            f"{where}_gap_1x_se",
+            f"{where}_gap_{factor}x",
+            f"{where}_gap_{factor}x_se",
+            f"{where}_change",
+            f"{where}_change_se",
+        ]
+    by_base, by_scaled = group(base), group(scaled)
+    rows, csv_rows = [], []
+    for v in variants:
+        if v == reference:
+            continue
+        row, csv_row = [v], [v]
+        for metric, _ in MAP_METRICS:
+            one, one_err = gap_with_error(by_base.get(reference, []), by_base.get(v, []), metric)
+            many, many_err = gap_with_error(
+                by_scaled.get(reference, []), by_scaled.get(v, []), metric
+            )
+            change, change_err = many - one, math.hypot(one_err, many_err)
+            row += [fmt_gap(one, one_err), fmt_gap(many, many_err), fmt_gap(change, change_err)]
+            csv_row += [one, one_err, many, many_err, change, change_err]
+        rows.append(row)
+        csv_rows.append(csv_row)
+    return Table(
+        "ceiling_gains",
+        f"Gains over {reference} at 1x and at {factor}x the training data",
+        header,
+        rows,
+        csv_header,
+        csv_rows,
+        [
+            "Each gap is mean(model) − mean(" + reference + ") over the seeds, ± the standard "
+            "error of that difference; change = the gap at "
+            f"{factor}x − the gap at 1x, ± the two errors combined.",
         ],
     )
 

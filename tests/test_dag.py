@@ -1,5 +1,6 @@
 """The daily Airflow DAG: it imports cleanly in the Airflow environment, has the expected
-shape, and two consecutive days run for real (``airflow dags test``) on simulated logs."""
+shape, and a day with a champion to beat runs for real (``airflow dags test``) on simulated
+logs."""
 
 from __future__ import annotations
 
@@ -120,13 +121,26 @@ def migrate_airflow_db(env: dict[str, str]) -> subprocess.Popen:
 
 @needs_airflow
 @pytest.mark.integration
-@pytest.mark.timeout(1800)  # about 6 min on an idle 2-core machine; far more when it is shared
-def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server, raw_logs):
+@pytest.mark.timeout(1800)  # about 2 min on an idle 2-core machine; far more when it is shared
+def test_a_daily_run_backfills_trains_gates_against_the_champion_and_scores_for_real(
+    tmp_path, mlflow_server, raw_logs, spark
+):
+    """One ``airflow dags test`` of a day that already has a champion and an older feature day:
+    every task runs for real (the sensor, a 2-day backfill with spark-submit, horovodrun on
+    the sliding window with its newest day choosing the epoch, the gate against the champion,
+    spark-submit scoring with the alias). The day before is set up in-process from the
+    session's shared logs: its feature partition built on the shared Spark session, and a
+    champion registered (an untrained model; the first-model path of the gate is
+    tests/test_promotion.py's)."""
     import mlflow
 
+    from jobs import build_features
+    from tests.feature_fixtures import register_untrained_model
+
     work = tmp_path / "work"
+    fields = small_fields()
     fields_file = tmp_path / "fields.yaml"
-    fields_file.write_text(yaml.safe_dump(small_fields().model_dump(mode="json")))
+    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
     # Parse-time settings for a test: poke the (already complete) raw folders, no retries.
     config = yaml.safe_load((PROJECT_ROOT / "conf" / "pipeline.yaml").read_text())
     config["dag"].update(
@@ -141,12 +155,28 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server, r
             "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
         },
     )
-    # Airflow's metadata DB is migrated while the simulated logs are made (in this process,
-    # on the session's Spark): the two are independent.
+    # Airflow's metadata DB is migrated while the day before is set up (in this process): the
+    # two are independent.
     migrate = migrate_airflow_db(env)
     try:
         # the session's shared logs (read-only: the DAG writes under tmp_path / "work")
         raw = raw_logs("tiny", "2026-01-02", 4, 5)
+        build_features.run(
+            spark,
+            build_features.parse_args(
+                [
+                    *("--raw", str(raw), "--out", str(work / "features")),
+                    *("--date", "2026-01-02", "--fields", str(fields_file)),
+                ]
+            ),
+        )
+        previous_uri = mlflow.get_tracking_uri()
+        try:
+            champion = register_untrained_model(mlflow_server, "esmm-dag", fields, seed=1)
+        finally:
+            mlflow.set_tracking_uri(previous_uri)
+        client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+        client.set_registered_model_alias("esmm-dag", "champion", champion)
         migrate_output, _ = migrate.communicate(timeout=300)
     finally:
         if migrate.poll() is None:
@@ -171,71 +201,53 @@ def test_two_daily_runs_train_gate_and_score_for_real(tmp_path, mlflow_server, r
         "promotion_overrides": ["promotion.min_auc=0.0", "promotion.calibration_bounds=[0.01,100]"],
     }
 
-    def run_day(logical_date: str, **extra) -> str:
-        started = time.monotonic()
-        result = subprocess.run(
-            [
-                str(AIRFLOW_BIN / "airflow"),
-                "dags",
-                "test",
-                "esmm_daily",
-                logical_date,
-                "-c",
-                json.dumps({**params, **extra}),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        print(f"airflow dags test {logical_date}: {time.monotonic() - started:.0f}s")
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-6000:]
-        # `dags test` exits 0 even when a task fails; the run's final state says it
-        assert "state=failed" not in output and "Marking task as FAILED" not in output, output[
-            -6000:
-        ]
-        return output
+    # logical 2026-01-05 → day 2026-01-04; rebuild_days=1 backfills 2026-01-03 with it (one
+    # spark-submit for both days, its look-back read from the published 2026-01-02)
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            str(AIRFLOW_BIN / "airflow"),
+            *("dags", "test", "esmm_daily", "2026-01-05"),
+            *("-c", json.dumps({**params, "rebuild_days": 1})),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    print(f"airflow dags test 2026-01-05: {time.monotonic() - started:.0f}s")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    # `dags test` exits 0 even when a task fails; the run's final state says it
+    assert "state=failed" not in output and "Marking task as FAILED" not in output, output[-6000:]
 
-    # day 1 (logical 2026-01-04 → day 2026-01-03) backfills one day: its 2-day window is
-    # clipped to the one feature day that exists
-    first_output = run_day("2026-01-04", rebuild_days=1)
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    assert str(client.get_model_version_by_alias("esmm-dag", "champion").version) == "1"
-    first = client.get_model_version("esmm-dag", "1")
-    assert first.tags["decision"] == "promoted"
-    assert first.tags["champion_version_compared"] == "none"
-    assert first.tags["train_dates"] == "2026-01-02"
+    for day in ("2026-01-03", "2026-01-04"):  # the backfill published both, with their stats
+        assert (work / "features" / f"dt={day}").is_dir(), day
+        assert (work / "features" / "_stats" / f"dt={day}.json").is_file(), day
     # the train task's XCom (the gate's --version) came from the trainer's summary JSON
-    summary = json.loads((work / "checkpoints" / "2026-01-03" / "train_summary.json").read_text())
-    assert summary["registered_version"] == "1"
-    assert client.get_run(summary["run_id"]).data.tags["train_dates"] == "2026-01-02"
-
-    second_output = run_day("2026-01-05")
-    second = client.get_model_version("esmm-dag", "2")
-    assert second.tags["decision"] in {"promoted", "rejected"}
-    assert second.tags["champion_version_compared"] == "1"
-    assert second.tags["decision_eval_date"] == "2026-01-04"
+    summary = json.loads((work / "checkpoints" / "2026-01-04" / "train_summary.json").read_text())
+    assert summary["registered_version"] == "2"
+    trained = client.get_model_version("esmm-dag", "2")
+    assert trained.run_id == summary["run_id"]
+    assert trained.tags["decision"] in {"promoted", "rejected"}
+    assert trained.tags["champion_version_compared"] == champion
+    assert trained.tags["decision_eval_date"] == "2026-01-04"
     # the sliding window (2026-01-02, 2026-01-03): its newest day chooses the kept epoch
-    assert second.tags["train_dates"] == "2026-01-02"
-    second_run = client.get_run(second.run_id)
-    assert second_run.data.tags["valid_date"] == "2026-01-03"
-    assert second_run.data.metrics["kept_epoch"] == 1.0  # of train_overrides' epochs=1
-    # day 1's one-day window could spare no validation day: no choice was made
-    assert "valid_date" not in client.get_run(first.run_id).data.tags
-    champion = str(client.get_model_version_by_alias("esmm-dag", "champion").version)
-    assert champion == ("2" if second.tags["decision"] == "promoted" else "1")
+    assert trained.tags["train_dates"] == "2026-01-02"
+    run = client.get_run(trained.run_id)
+    assert run.data.tags["train_dates"] == "2026-01-02"
+    assert run.data.tags["valid_date"] == "2026-01-03"
+    assert run.data.metrics["kept_epoch"] == 1.0  # of train_overrides' epochs=1
+    now = str(client.get_model_version_by_alias("esmm-dag", "champion").version)
+    assert now == ("2" if trained.tags["decision"] == "promoted" else champion)
 
     import pyarrow.parquet as pq
 
-    for day, version in (("2026-01-03", "1"), ("2026-01-04", champion)):
-        predictions = pq.read_table(work / "predictions" / f"dt={day}").to_pandas()
-        features = pq.read_table(work / "features" / f"dt={day}")
-        assert len(predictions) == features.num_rows > 0
-        assert set(predictions["model_version"]) == {version}
-    # The pipeline venv ran the work, the Airflow venv only scheduled: each day's train task
-    # read its registered version with the pipeline venv's python (the workers' interpreter).
-    pipeline_python = str(VENV_BIN / "python")
-    assert interpreters_of_the_work(first_output) == {"1": pipeline_python}, first_output[-6000:]
-    assert interpreters_of_the_work(second_output) == {"2": pipeline_python}
+    predictions = pq.read_table(work / "predictions" / "dt=2026-01-04").to_pandas()
+    table = pq.read_table(work / "features" / "dt=2026-01-04")
+    assert len(predictions) == table.num_rows > 0
+    assert set(predictions["model_version"]) == {now}  # scored with the alias after the gate
+    # The pipeline venv ran the work, the Airflow venv only scheduled: the train task read
+    # its registered version with the pipeline venv's python (the workers' interpreter).
+    assert interpreters_of_the_work(output) == {"2": str(VENV_BIN / "python")}, output[-6000:]

@@ -709,6 +709,24 @@ def test_ceiling_table_reports_the_share_of_the_gap_to_the_oracle_that_data_clos
         cli.preset_volume("huge")
 
 
+def test_ceiling_gains_compare_each_model_with_base_at_both_volumes():
+    def runs(label, clicked, everywhere):
+        return [
+            result(label, s, cvr_auc=clicked + d, entire_space_cvr_auc=everywhere + d)
+            for s, d in ((1, -0.01), (2, 0.01))
+        ]
+
+    one = runs("base", 0.70, 0.60) + runs("esmm", 0.72, 0.59)
+    ten = runs("base", 0.78, 0.70) + runs("esmm", 0.785, 0.705)
+    table = tables.ceiling_gain_table(one, ten, ["base", "esmm"], 10)
+    (row,) = table.csv_rows  # no row for base itself
+    assert row[0] == "esmm"
+    se = math.sqrt(2 * 0.01414214**2 / 2)  # each side: std 0.01414 over 2 seeds
+    assert row[1:7] == pytest.approx([0.02, se, 0.005, se, -0.015, math.hypot(se, se)])
+    assert row[7:13] == pytest.approx([-0.01, se, 0.005, se, 0.015, math.hypot(se, se)])
+    assert table.rows[0][1] == "+2.00 ± 1.41" and table.header[2] == "− base, 10x"
+
+
 def test_an_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """A training whose checkpoint survives (the run was killed) is started with --resume;
     one without a checkpoint starts afresh."""
