@@ -14,6 +14,11 @@
 - ``built_features``: ``built_features(raw, start_date, end_date)`` → the root of a feature
   table built from ``raw`` by ``jobs/build_features.py``'s ``run`` on the shared session, with
   the shipped configs, once per set of arguments. Treat it as read-only; copy it to change it.
+- ``learnable_days``: ``(root, fields_file)`` of three small feature days written with pyarrow
+  (:func:`tests.feature_fixtures.write_learnable_days`), for the trainer's tests. Read-only.
+- ``localhost_training``: one ``horovodrun -np 2 -H localhost:2`` ESMM training on
+  ``learnable_days`` (2 epochs, registered as ``esmm-it`` on ``mlflow_server``), shared by the
+  trainer's end-to-end test and the multi-host test, which compares its metrics with it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -133,3 +139,48 @@ def built_features(spark, tmp_path_factory) -> Callable[..., Path]:
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def learnable_days(tmp_path_factory) -> tuple[Path, Path]:
+    """Three days of a learnable feature table with an oracle, and the field list file."""
+    from tests.feature_fixtures import write_learnable_days
+
+    root = tmp_path_factory.mktemp("learnable-days")
+    return root, write_learnable_days(root)
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What :func:`localhost_training` ran and where: its output, checkpoint folder, the
+    tracking server and the MLflow experiment and registered model names."""
+
+    result: HorovodResult
+    checkpoint_dir: Path
+    tracking_uri: str
+    experiment: str = "it-train"
+    registered_model_name: str = "esmm-it"
+
+
+@pytest.fixture(scope="session")
+def localhost_training(learnable_days, mlflow_server, tmp_path_factory) -> LocalTraining:
+    """``horovodrun -np 2 -H localhost:2 python -m esmm.train`` on ``learnable_days``, once."""
+    from tests.feature_fixtures import learnable_train_args
+
+    root, fields_file = learnable_days
+    checkpoints = tmp_path_factory.mktemp("localhost-training") / "ckpt"
+    result = run_horovodrun(
+        "esmm.train",
+        *learnable_train_args(
+            root,
+            fields_file,
+            *("--checkpoint-dir", str(checkpoints)),
+            *("--set", f"tracking.experiment={LocalTraining.experiment}"),
+            *("--set", f"tracking.registered_model_name={LocalTraining.registered_model_name}"),
+        ),
+        module=True,
+        np=2,
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+        timeout=420,
+    )
+    return LocalTraining(result, checkpoints, mlflow_server)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from contract import schema
 from contract.config import load_config
@@ -91,6 +92,47 @@ def write_feature_day(
             oracle_dir / "part-0.parquet",
         )
     return out
+
+
+# The three days of tests/conftest.py's ``learnable_days`` (train on the first two, evaluate
+# on the third).
+LEARNABLE_DAYS = ("2026-01-01", "2026-01-02", "2026-01-03")
+
+
+def write_learnable_days(root: Path) -> Path:
+    """:data:`LEARNABLE_DAYS` of 6,000 rows each under ``root/features`` (labels that depend
+    on the ids, so a trained model beats chance), their oracle under ``root/oracle`` and the
+    field list ``root/fields.yaml``; returns that file."""
+    fields = small_fields()
+    for seed, day in enumerate(LEARNABLE_DAYS):
+        write_feature_day(
+            root / "features", day, fields, rows=6000, seed=seed, oracle_root=root / "oracle"
+        )
+    fields_file = root / "fields.yaml"
+    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
+    return fields_file
+
+
+def learnable_train_args(root: Path, fields_file: Path, *extra: str) -> list[str]:
+    """The trainer's options for :func:`write_learnable_days`' table at ``root``: the shipped
+    train config, 2 epochs on the first two days, the third evaluated with the oracle; then
+    ``extra``. The multi-host test trains with these as tests/conftest.py's
+    ``localhost_training`` does, so that their metrics must agree."""
+    from contract import commands
+
+    return [
+        *commands.train_args(
+            PROJECT_ROOT / "conf" / "train.yaml",
+            root / "features",
+            f"{LEARNABLE_DAYS[0]}..{LEARNABLE_DAYS[1]}",
+            LEARNABLE_DAYS[2],
+            fields=fields_file,
+            oracle=root / "oracle",
+            no_progress=True,
+            sets=["epochs=2"],
+        ),
+        *extra,
+    ]
 
 
 def register_untrained_model(

@@ -18,9 +18,8 @@ from contract import commands
 from features import stats
 from tests import hosts as test_hosts
 from tests.cluster import application, cluster_env, node_python, standalone_cluster
-from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
+from tests.feature_fixtures import learnable_train_args, register_untrained_model, small_fields
 from tests.helpers import (
-    PROJECT_ROOT,
     SHORT_LIVED_JVM_OPTIONS,
     VENV_BIN,
     built_partition,
@@ -30,7 +29,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.integration
 
-DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
 MLFLOW_PORT = 5000  # nothing else listens in the launcher's namespace
 
 
@@ -44,48 +42,33 @@ def network(tmp_path_factory):
         yield net
 
 
-def _train(net, root, name: str, hosts: str, options: list[str], tracking_uri: str) -> dict:
-    """One ``horovodrun -np 2`` training from the launcher; the trainer's summary."""
-    summary = root / f"{name}.json"
-    args = commands.train_args(
-        PROJECT_ROOT / "conf" / "train.yaml",
-        root / "features",
-        f"{DAYS[0]}..{DAYS[1]}",
-        DAYS[2],
-        fields=root / "fields.yaml",
-        checkpoint_dir=root / f"ckpt-{name}",
-        run_name=name,
-        summary_json=summary,
-        no_progress=True,
-        sets=[
-            "epochs=2",
-            "tracking.experiment=multi-host",
-            f"tracking.registered_model_name={name}",
-        ],
-    )
-    command = commands.trainer(VENV_BIN, 2, args, hosts=hosts, options=options)
-    done = net.run(
-        command, env=project_env({"MLFLOW_TRACKING_URI": tracking_uri}), timeout=420, cwd=root
-    )
-    (root / f"{name}.log").write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    return json.loads(summary.read_text())
-
-
-def test_horovodrun_over_ssh_on_two_hosts_trains_as_on_one_host(network, tmp_path):
+def test_horovodrun_over_ssh_on_two_hosts_trains_as_on_one_host(
+    network, learnable_days, localhost_training, tmp_path
+):
     """``horovodrun -np 2 -H hostA:1,hostB:1`` from a launcher, over ssh (the test's key and
     port), Gloo on the hosts' ``eth0``, against an MLflow server in the launcher's namespace
     that both hosts reach at 10.77.0.1: rank 0 runs in hostA's namespace and rank 1 in hostB's
     (the run's ``hosts`` tag holds each rank's host name), the model is registered, and the
-    metrics equal those of the same training with ``-H localhost:2``."""
+    metrics equal those of the same training with ``-H localhost:2`` (the session's
+    ``localhost_training``, tests/conftest.py: the same data, options and seed)."""
     import mlflow
 
     net = network
-    fields = small_fields()
-    for seed, day in enumerate(DAYS):
-        write_feature_day(tmp_path / "features", day, fields, rows=6000, seed=seed)
-    (tmp_path / "fields.yaml").write_text(yaml.safe_dump(fields.model_dump(mode="json")))
-
+    root, fields_file = learnable_days
+    summary = tmp_path / "two-hosts.json"
+    options = [
+        *("--ssh-port", str(net.ssh_port), "--ssh-identity-file", str(net.identity)),
+        *("--network-interface", net.interface),
+    ]
+    args = learnable_train_args(
+        root,
+        fields_file,
+        *("--checkpoint-dir", str(tmp_path / "ckpt"), "--run-name", "two-hosts"),
+        *("--summary-json", str(summary)),
+        *("--set", "tracking.experiment=multi-host"),
+        *("--set", "tracking.registered_model_name=two-hosts"),
+    )
+    command = commands.trainer(VENV_BIN, 2, args, hosts="hostA:1,hostB:1", options=options)
     server_root = tmp_path / "mlflow"
     with start_mlflow_server(
         server_root,
@@ -94,12 +77,12 @@ def test_horovodrun_over_ssh_on_two_hosts_trains_as_on_one_host(network, tmp_pat
         prefix=net.command(net.launcher, []),
         answers=net.answers,
     ) as uri:
-        options = [
-            *("--ssh-port", str(net.ssh_port), "--ssh-identity-file", str(net.identity)),
-            *("--network-interface", net.interface),
-        ]
-        two_hosts = _train(net, tmp_path, "two-hosts", "hostA:1,hostB:1", options, uri)
-        one_host = _train(net, tmp_path, "one-host", "localhost:2", [], uri)
+        done = net.run(
+            command, env=project_env({"MLFLOW_TRACKING_URI": uri}), timeout=420, cwd=tmp_path
+        )
+    (tmp_path / "two-hosts.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    two_hosts = json.loads(summary.read_text())
 
     # The server is gone; its SQLite store holds what both hosts sent it.
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{server_root / 'mlflow.db'}")
@@ -110,7 +93,10 @@ def test_horovodrun_over_ssh_on_two_hosts_trains_as_on_one_host(network, tmp_pat
     assert version.run_id == two_hosts["run_id"]
     assert str(two_hosts["registered_version"]) == str(version.version)
 
-    local = client.get_run(one_host["run_id"])
+    assert localhost_training.result.returncode == 0, localhost_training.result.output[-4000:]
+    on_one_host = mlflow.MlflowClient(tracking_uri=localhost_training.tracking_uri)
+    experiment = on_one_host.get_experiment_by_name(localhost_training.experiment)
+    (local,) = on_one_host.search_runs([experiment.experiment_id])
     assert local.data.tags["hosts"].split(",") == [socket.gethostname()] * 2
     assert run.data.metrics["ctr_auc"] > 0.6  # it learnt: the fixture's labels depend on ids
     for name in ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss"):

@@ -9,28 +9,19 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.feature_fixtures import small_fields, write_feature_day
+from tests.feature_fixtures import LEARNABLE_DAYS
 from tests.helpers import free_port, run_command
 
 pytestmark = pytest.mark.integration
 
-DAYS = ["2026-01-01", "2026-01-02", "2026-01-03"]
+DAYS = LEARNABLE_DAYS
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Three days of a learnable feature table with an oracle, and the field list file."""
-    root = tmp_path_factory.mktemp("train-data")
-    fields = small_fields()
-    for seed, day in enumerate(DAYS):
-        write_feature_day(
-            root / "features", day, fields, rows=6000, seed=seed, oracle_root=root / "oracle"
-        )
-    fields_file = root / "fields.yaml"
-    fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
-    return root, fields_file
+@pytest.fixture
+def dataset(learnable_days):
+    """The session's three learnable days (tests/conftest.py): root and field list file."""
+    return learnable_days
 
 
 def train_args(root, fields_file, *extra: str) -> list[str]:
@@ -48,34 +39,14 @@ def train_args(root, fields_file, *extra: str) -> list[str]:
     ]
 
 
-def test_horovodrun_trains_esmm_and_registers_it_on_the_server(
-    dataset, tmp_path, run_horovod, mlflow_server
-):
-    root, fields_file = dataset
-    result = run_horovod(
-        "esmm.train",
-        *train_args(
-            root,
-            fields_file,
-            "--oracle",
-            str(root / "oracle"),
-            "--checkpoint-dir",
-            str(tmp_path / "ckpt"),
-            "--set",
-            "tracking.experiment=it-train",
-            "--set",
-            "tracking.registered_model_name=esmm-it",
-            "--set",
-            "epochs=2",
-        ),
-        module=True,
-        np=2,
-        env={"MLFLOW_TRACKING_URI": mlflow_server},
-        timeout=420,
-    )
-    assert result.returncode == 0, result.output[-4000:]
-    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
-    experiment = client.get_experiment_by_name("it-train")
+def test_horovodrun_trains_esmm_and_registers_it_on_the_server(dataset, localhost_training):
+    """The session's ``horovodrun -np 2`` training (tests/conftest.py, 2 epochs, with the
+    oracle) logged its run and registered its model on the MLflow server."""
+    root, _ = dataset
+    trained = localhost_training
+    assert trained.result.returncode == 0, trained.result.output[-4000:]
+    client = mlflow.MlflowClient(tracking_uri=trained.tracking_uri)
+    experiment = client.get_experiment_by_name(trained.experiment)
     (run,) = client.search_runs([experiment.experiment_id])
     metrics = run.data.metrics
     for name in ("ctr_auc", "cvr_auc", "ctcvr_auc", "entire_space_cvr_auc", "oracle_cvr_auc"):
@@ -90,12 +61,12 @@ def test_horovodrun_trains_esmm_and_registers_it_on_the_server(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/roc.png", "plots/calibration.png"}
 
-    (version,) = client.search_model_versions("name='esmm-it'")
+    (version,) = client.search_model_versions(f"name='{trained.registered_model_name}'")
     assert version.run_id == run.info.run_id
     assert float(version.tags["cvr_auc"]) == pytest.approx(metrics["cvr_auc"], abs=1e-6)
 
-    mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model(f"models:/esmm-it/{version.version}")
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{trained.registered_model_name}/{version.version}")
     rows = pq.read_table(root / "features" / f"dt={DAYS[2]}").slice(0, 50).to_pandas()
     predictions = model.predict(rows)
     assert list(predictions.columns) == ["pctr", "pcvr", "pctcvr"]
@@ -104,7 +75,7 @@ def test_horovodrun_trains_esmm_and_registers_it_on_the_server(
     np.testing.assert_allclose(
         predictions["pctcvr"], predictions["pctr"] * predictions["pcvr"], rtol=1e-5
     )
-    assert (tmp_path / "ckpt" / "last.pt").is_file()
+    assert (trained.checkpoint_dir / "last.pt").is_file()
 
 
 def test_unreachable_tracking_server_fails_before_training(dataset, tmp_path):
