@@ -346,14 +346,25 @@ def bias_sweep_table(results_by_bias: dict[float, list[RunResult]], variants: li
 def gap_with_error(
     base: Sequence[RunResult], other: Sequence[RunResult], metric: str
 ) -> tuple[float, float]:
-    """mean(other) - mean(base) and the standard error of that difference."""
+    """mean(other) - mean(base) and the standard error of that difference; the error is NaN
+    (unknown, printed without ``±``) where a side has a single run, whose spread is unknown.
+
+    Example:
+        >>> from experiments.runner import RunResult, RunSpec
+        >>> from experiments.config import DataSpec
+        >>> runs = lambda label, *aucs: [
+        ...     RunResult(RunSpec(label, label, s, DataSpec()), "id", {"cvr_auc": a}, 1.0)
+        ...     for s, a in enumerate(aucs)]
+        >>> fmt_gap(*gap_with_error(runs("base", 0.70, 0.72), runs("esmm", 0.73, 0.75), "cvr_auc"))
+        '+3.00 ± 1.41'
+        >>> fmt_gap(*gap_with_error(runs("base", 0.70), runs("esmm", 0.73, 0.75), "cvr_auc"))
+        '+4.00'
+    """
     if not base or not other:
         return math.nan, math.nan
     m_base, s_base = stat(base, metric)
     m_other, s_other = stat(other, metric)
-    var = 0.0
-    for std, n in ((s_base, len(base)), (s_other, len(other))):
-        var += (std**2 / n) if not math.isnan(std) else 0.0
+    var = sum(std**2 / n for std, n in ((s_base, len(base)), (s_other, len(other))))
     return m_other - m_base, math.sqrt(var)
 
 
