@@ -8,6 +8,10 @@ VAR ?= var
 DIST ?= dist
 # pytest arguments, e.g. make test PYTEST_ARGS="-k config -x"
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` / `make unit` (0 = one process); tests/conftest.py groups
+# the tests so that each worker builds a file's fixtures once and the longest groups go first.
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS)
 
 .PHONY: help setup venv airflow-venv demo experiments experiments-quick test test-hosts lint format unit dist clean
 
@@ -54,10 +58,10 @@ test-hosts:  ## install what tests/test_deploy.py's test hosts need (sshd, iprou
 
 test: setup test-hosts  ## set up, lint, then the whole test suite (unit + integration)
 	$(MAKE) --no-print-directory lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 unit: venv  ## the fast tests only (no integration)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(XDIST) -m "not integration" $(PYTEST_ARGS)
 
 # The wheel (pip install on nodes and images) and the same code as a zip, which is what
 # spark-submit --py-files puts on the executors' path (PySpark adds .zip/.egg, not .whl).

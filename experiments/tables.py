@@ -108,13 +108,15 @@ def fmt_ratio(mean: float, std: float) -> str:
 def fmt_epoch(mean: float, std: float) -> str:
     """The mean kept epoch over seeds (chosen on the validation day), ``n/a`` without one.
 
-    Example:
+    Example (one seed: no spread to show):
         >>> fmt_epoch(2.0, 0.0), fmt_epoch(1.6, 0.49), fmt_epoch(float("nan"), float("nan"))
         ('2', '1.6 ± 0.5', 'n/a')
+        >>> fmt_epoch(2.0, float("nan"))
+        '2'
     """
     if math.isnan(mean):
         return "n/a"
-    return f"{mean:.0f}" if std == 0 else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.0f}" if std == 0 or math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def fmt_gain(value: float, base: float) -> str:

@@ -1,4 +1,4 @@
-"""Test helpers that run real components: horovodrun and an MLflow server.
+"""Test helpers that run real components: horovodrun, an MLflow server, MLflow SQLite stores.
 
 Kept out of conftest.py so that scripts and benchmarks can use them too.
 """
@@ -9,10 +9,13 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -150,6 +153,15 @@ def _answers_200(url: str) -> bool:
         return False
 
 
+def wait_until_answering(url: str, what: str, timeout: float = 120) -> None:
+    """Until ``url`` answers 200; a RuntimeError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not _answers_200(url):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer on {url} within {timeout}s")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def serve(
     command: Sequence[str],
@@ -192,6 +204,37 @@ def serve(
             proc.kill()
             proc.wait()
         log.close()
+
+
+_EMPTY_STORE: Path | None = None
+
+
+def sqlite_store(path: Path) -> str:
+    """The URI of a new, empty MLflow SQLite store at ``path`` (the file must not exist).
+
+    A real store, as MLflow itself makes one: the first call of a test process creates it
+    with MLflow (whose ~100 schema migrations take 2–3 s in whichever process opens a new
+    file first, the trainer's subprocess included) and each call copies that empty store.
+    The Default experiment's artifact folder is then ``<path's folder>/mlruns/0``, as if
+    MLflow had created the file from there.
+    """
+    global _EMPTY_STORE
+    if path.exists():
+        raise FileExistsError(f"{path} exists: sqlite_store() makes a new store")
+    if _EMPTY_STORE is None:
+        import mlflow
+
+        empty = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-")) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()
+        _EMPTY_STORE = empty
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE, path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        default = (path.parent / "mlruns" / "0").as_posix()
+        db.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (default,)
+        )
+    return f"sqlite:///{path}"
 
 
 @contextlib.contextmanager

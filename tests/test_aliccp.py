@@ -31,7 +31,7 @@ from features.publish import AccountingError, PublishedPartition
 from features.transforms import OUTPUT, QUARANTINED, Reason, hash_id
 from jobs import ingest_aliccp
 from tests.aliccp_fixture import COMMON, KNOWN_SAMPLE, SKELETON, write_fixture
-from tests.helpers import VENV_BIN, run_command
+from tests.helpers import VENV_BIN, run_command, sqlite_store
 
 # One shuffle partition and no code generation for the whole module (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("small_data_spark")
@@ -577,7 +577,7 @@ def test_ingested_fixture_trains_one_epoch_under_horovod_and_learns_the_clicks(
         ),
         module=True,
         np=2,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+        env={"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")},
         timeout=600,
     )
     assert trained.returncode == 0, trained.output[-4000:]

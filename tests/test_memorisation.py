@@ -18,6 +18,7 @@ from esmm.model import ModelConfig, build_model
 from esmm.steps import OptimConfig, build_optimizers, train_step
 from esmm.train import TrainConfig
 from tests.feature_fixtures import small_fields, write_feature_day
+from tests.helpers import sqlite_store
 
 # Two fields: a single id and a bag of 3 ids (0-padded).
 TOY = FieldsConfig(
@@ -388,7 +389,7 @@ def test_the_trainer_admits_ids_by_their_training_counts_and_logs_how_many(tmp_p
     fields_file = tmp_path / "fields.yaml"
     fields_file.write_text(yaml.safe_dump(fields.model_dump(mode="json")))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     previous_uri = mlflow.get_tracking_uri()
     try:
         code = train.main(

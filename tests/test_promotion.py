@@ -14,7 +14,7 @@ from esmm.promotion import (
     decide,
     decision_tags,
 )
-from tests.helpers import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT, sqlite_store
 
 SANE = {
     "ctr_auc": 0.70,
@@ -109,7 +109,7 @@ def test_gate_glue_promotes_the_first_model_and_tags_the_second_decision(tmp_pat
 
     fields = small_fields()
     write_feature_day(tmp_path / "features", "2026-01-05", fields, rows=800, seed=1)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     first = register_untrained_model(uri, "gated", fields, seed=1)
     second = register_untrained_model(uri, "gated", fields, seed=2)
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -8,7 +8,7 @@ import pytest
 
 from contract import commands, schema
 from tests.feature_fixtures import register_untrained_model, small_fields, write_feature_day
-from tests.helpers import VENV_BIN, post_json, run_command, start_model_server
+from tests.helpers import VENV_BIN, post_json, run_command, sqlite_store, start_model_server
 
 DAY = "2026-01-03"
 
@@ -21,7 +21,7 @@ def scoring_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     fields = small_fields()
     write_feature_day(root / "features", DAY, fields, rows=500, seed=3)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_store(root / "mlflow.db")
     version = register_untrained_model(uri, "scorer", fields)
     mlflow.MlflowClient(tracking_uri=uri).set_registered_model_alias("scorer", "champion", version)
     return root, uri, version

@@ -12,6 +12,7 @@ import yaml
 
 from esmm.selection import EpochRule, SelectionConfig
 from tests.feature_fixtures import small_fields, write_feature_day
+from tests.helpers import sqlite_store
 
 
 def _run(rule: EpochRule, values: list[float], metric: str = "cvr_auc") -> list[bool]:
@@ -106,7 +107,7 @@ def test_the_trainer_chooses_by_validation_and_reads_the_test_day_once_with_the_
     monkeypatch.setattr(train, "evaluate", recording_evaluate)
     monkeypatch.setattr(train, "evaluate_predictions", scripted_metrics)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     previous_uri = mlflow.get_tracking_uri()
     summary = tmp_path / "summary.json"
     try:

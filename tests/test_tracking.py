@@ -11,6 +11,7 @@ import pytest
 from contract import layout
 from esmm.tracking import RunTracker, TrackingConfig
 from tests.feature_fixtures import small_fields
+from tests.helpers import sqlite_store
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
@@ -24,7 +25,7 @@ def test_training_partitions_stats_are_logged_for_paths_and_urls(tmp_path, as_ur
         stats_file.write_text(json.dumps({"dt": day, "table": {"rows": 7}}))
     root = f"file://{features}" if as_url else str(features)
     tracking = TrackingConfig(
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="tracking-tests"
+        tracking_uri=sqlite_store(tmp_path / "mlflow.db"), experiment="tracking-tests"
     )
     tracker = RunTracker.open(tracking, run_name="stats")
     try:

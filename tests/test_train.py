@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.feature_fixtures import LEARNABLE_DAYS
-from tests.helpers import free_port, run_command
+from tests.helpers import free_port, run_command, sqlite_store
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_unreachable_tracking_server_fails_before_training(dataset, tmp_path):
 
 def test_nan_loss_stops_the_run_and_registers_nothing(dataset, tmp_path):
     root, fields_file = dataset
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path / "mlflow.db")
     result = run_command(
         [
             sys.executable,
@@ -136,7 +136,8 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(dataset, tmp_path):
     common = ["--set", "data.reader_workers=1", "--set", "data.shuffle_queue_rows=0"]
 
     def train(ckpt: str, epochs: int, *extra: str) -> tuple[list, mlflow.MlflowClient]:
-        store = f"sqlite:///{tmp_path / (ckpt + '.db')}"
+        db = tmp_path / (ckpt + ".db")
+        store = f"sqlite:///{db}" if db.exists() else sqlite_store(db)
         result = run_command(
             [
                 sys.executable,
