@@ -22,12 +22,14 @@
   ``learnable_days`` (2 epochs, registered as ``esmm-it`` on ``mlflow_server``), shared by the
   trainer's end-to-end test and the multi-host test, which compares its metrics with it.
 
-``make test`` runs the suite on two pytest-xdist workers (``-n 2``). They are handed whole
+``make test`` runs the suite on three pytest-xdist workers (``-n 3``, the Makefile's
+``TEST_WORKERS``). They are handed whole
 groups of tests (:func:`pytest_xdist_make_scheduler`), so that nothing expensive is built
 twice: one group per test file (a module's fixtures are built once), files that share an
 expensive session fixture share a group (:data:`SHARED_GROUPS`), and the longest groups go
 first (:data:`LONGEST_FIRST`). What the workers share across groups (``raw_logs``,
-``built_features``) is built once for the run, by whichever worker needs it first. A plain
+``built_features``) is built once for the run, by whichever worker needs it first, and the
+run has one MLflow server (:class:`SharedMlflowServer`). A plain
 ``pytest`` (no ``-n``) runs in collection order, in one process.
 """
 

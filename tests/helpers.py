@@ -153,10 +153,22 @@ def _answers_200(url: str) -> bool:
         return False
 
 
-def wait_until_answering(url: str, what: str, timeout: float = 120) -> None:
-    """Until ``url`` answers 200; a RuntimeError naming ``what`` after ``timeout`` seconds."""
+def wait_until_answering(
+    url: str,
+    what: str,
+    timeout: float = 120,
+    answers: Callable[[str], bool] | None = None,
+    alive: Callable[[], None] | None = None,
+) -> None:
+    """Until ``url`` answers 200 (asked by ``answers(url)`` when given); a RuntimeError naming
+    ``what`` after ``timeout`` seconds. ``alive()``, when given, is called before each try and
+    raises if the server is gone."""
     deadline = time.monotonic() + timeout
-    while not _answers_200(url):
+    while True:
+        if alive is not None:
+            alive()
+        if (answers or _answers_200)(url):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not answer on {url} within {timeout}s")
         time.sleep(0.5)
@@ -185,16 +197,13 @@ def serve(
         env=dict(env),
         preexec_fn=die_with_parent,
     )
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text()}")
-            if (answers or _answers_200)(f"{url}{probe}"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not answer on {url} within {timeout}s")
-            time.sleep(0.5)
+        wait_until_answering(f"{url}{probe}", what, timeout, answers, alive)
         yield url
     finally:
         proc.terminate()

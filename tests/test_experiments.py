@@ -331,6 +331,9 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
     raw = raw_logs()
     features = built_features(raw, "2026-01-02", "2026-01-04")
     variants = ["base", "esmm"]
+    # one seed: a training per variant is what this test needs (runs under one parent, the
+    # tables, the cache); the spread over seeds is test_comparison_table_...'s
+    seeds = [1]
     options = [
         "--config",
         CONFIG,
@@ -354,10 +357,8 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
         "data.train_days=1",
         "--set",
         "np=1",
-        # one seed: a training per variant is what this test needs (runs under one parent,
-        # the tables, the cache); the spread over seeds is test_comparison_table_...'s
         "--set",
-        "seeds=[1]",
+        f"seeds={seeds}",
         # batches assembled in the trainer's own process (the child process costs seconds per
         # training; tests/test_data.py covers it); also shows train_overrides reach each run
         "--set",
@@ -367,7 +368,6 @@ def test_quick_paper_table_trains_every_run_under_one_parent(
     command = [sys.executable, "-m", "experiments", "paper-table", *options]
     result = run_command(command, timeout=800, env=env_uri)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    seeds = [1]
     assert f"{len(variants) * len(seeds)} trainings run, 0 reused" in result.stderr
 
     out = workdir / "results" / "paper_table"
