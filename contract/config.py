@@ -23,7 +23,9 @@ __all__ = [
     "ConfigError",
     "StrictModel",
     "add_override_argument",
+    "digest_json",
     "load_config",
+    "neutral_at",
     "parse_overrides",
 ]
 
@@ -38,6 +40,50 @@ class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, objects are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NEUTRAL = "neutral_at"
+
+
+def neutral_at(value: Any) -> dict[str, Any]:
+    """``json_schema_extra`` of a key added to a config after results were kept under it:
+    ``value`` is the one that does what the config did before the key existed.
+
+    Example: ``Field(default=0.0, json_schema_extra=neutral_at(0.0))``. :func:`digest_json`
+    leaves such a key out while it holds that value, so the digests of every config that
+    does not use it (and the results cached under them) stay what they were. Changing the
+    default to another value changes them, as it should.
+    """
+    return {NEUTRAL: value}
+
+
+def _neutral_keys(config: BaseModel) -> dict[str, Any]:
+    """The nested ``exclude`` of :meth:`BaseModel.model_dump_json` for the keys at their
+    neutral value (:func:`neutral_at`)."""
+    exclude: dict[str, Any] = {}
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and NEUTRAL in extra and value == extra[NEUTRAL]:
+            exclude[name] = True
+        elif isinstance(value, BaseModel) and (inner := _neutral_keys(value)):
+            exclude[name] = inner
+    return exclude
+
+
+def digest_json(config: BaseModel) -> str:
+    """The JSON of ``config`` (every key, defaults included) to take a digest of: what a
+    program reads, not how its file spells it, without the keys at their neutral value.
+
+    Example:
+        >>> from pydantic import Field
+        >>> class Knobs(StrictModel):
+        ...     lr: float = 0.1
+        ...     decay: float = Field(default=0.0, json_schema_extra=neutral_at(0.0))
+        >>> digest_json(Knobs()), digest_json(Knobs(decay=0.5))
+        ('{"lr":0.1}', '{"lr":0.1,"decay":0.5}')
+    """
+    return config.model_dump_json(exclude=_neutral_keys(config) or None)
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
-from contract.config import StrictModel
+from contract.config import StrictModel, neutral_at
 from contract.fields import FieldsConfig, FieldSpec
 from contract.schema import PADDING_ID
 from esmm.admission import IdAdmission
@@ -96,6 +96,8 @@ class ModelConfig(StrictModel):
             :meth:`ESMMModel.dense_parameters` with ``torch.optim.Adam``.
         tower_dropout: probability p of ``nn.Dropout(p)`` after each hidden layer's ReLU in
             every tower (identity in ``model.eval()``); 0 builds no Dropout module at all.
+        embedding_init_std: the std of the normal distribution every embedding row starts
+            from (a multi field's padding row starts, and stays, at zero).
         min_id_count: id admission: an id seen fewer times than this in the training
             partitions is looked up as its field's out-of-vocabulary row (one extra row per
             table, index ``num_buckets``). 0 or 1 is off: no remap buffer, no extra row.
@@ -108,6 +110,9 @@ class ModelConfig(StrictModel):
     hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [200, 80])
     sparse_embeddings: bool = True
     tower_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    embedding_init_std: float = Field(
+        default=EMBEDDING_INIT_STD, ge=0.0, json_schema_extra=neutral_at(EMBEDDING_INIT_STD)
+    )
     min_id_count: NonNegativeInt = 0
 
     @property
@@ -131,6 +136,7 @@ class FieldEmbedding(nn.Module):
         sparse: produce a sparse gradient (only the looked-up rows).
         oov_row: add one row at index ``num_buckets``, the out-of-vocabulary row of id
             admission (:class:`IdAdmission`), initialised and learned like any other.
+        init_std: every row starts from N(0, init_std²); 0 starts them all at zero.
 
     Call args:
         ids: LongTensor ``[B]`` (single) or ``[B, max_len]`` (multi, 0-padded).
@@ -147,7 +153,12 @@ class FieldEmbedding(nn.Module):
     """
 
     def __init__(
-        self, spec: FieldSpec, embedding_dim: int, sparse: bool = False, oov_row: bool = False
+        self,
+        spec: FieldSpec,
+        embedding_dim: int,
+        sparse: bool = False,
+        oov_row: bool = False,
+        init_std: float = EMBEDDING_INIT_STD,
     ) -> None:
         super().__init__()
         self.name = spec.name
@@ -160,7 +171,7 @@ class FieldEmbedding(nn.Module):
             )
         else:
             self.table = nn.Embedding(rows, embedding_dim, sparse=sparse)
-        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.table.weight, std=init_std)
         if spec.kind == "multi":
             with torch.no_grad():
                 self.table.weight[PADDING_ID].zero_()
@@ -205,6 +216,7 @@ class EmbeddingCollection(nn.Module):
         embedding_dim: size of every field's embedding.
         sparse: tables produce sparse gradients (see :class:`ModelConfig`).
         oov_rows: every table gets the out-of-vocabulary row of id admission.
+        init_std: the std of every table's initial rows (:class:`FieldEmbedding`).
 
     Call args:
         batch: mapping from each field name to its ids, ``[B]`` or ``[B, max_len]``; other
@@ -230,11 +242,14 @@ class EmbeddingCollection(nn.Module):
         embedding_dim: int,
         sparse: bool = False,
         oov_rows: bool = False,
+        init_std: float = EMBEDDING_INIT_STD,
     ) -> None:
         super().__init__()
         self.embeddings = nn.ModuleDict(
             {
-                spec.name: FieldEmbedding(spec, embedding_dim, sparse, oov_row=oov_rows)
+                spec.name: FieldEmbedding(
+                    spec, embedding_dim, sparse, oov_row=oov_rows, init_std=init_std
+                )
                 for spec in fields.fields
             }
         )
@@ -520,7 +535,11 @@ def build_model(fields: FieldsConfig, cfg: ModelConfig) -> ESMMModel:
 
     def embedding() -> EmbeddingCollection:
         return EmbeddingCollection(
-            fields, cfg.embedding_dim, sparse=cfg.sparse_embeddings, oov_rows=cfg.id_admission
+            fields,
+            cfg.embedding_dim,
+            sparse=cfg.sparse_embeddings,
+            oov_rows=cfg.id_admission,
+            init_std=cfg.embedding_init_std,
         )
 
     def tower() -> Tower:

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field
 
-from contract.config import StrictModel
+from contract.config import StrictModel, neutral_at
 from esmm.losses import compute_loss
 
 if TYPE_CHECKING:
+    from esmm.averaging import WeightAverage
     from esmm.train import TrainConfig
 
 __all__ = ["LockStep", "OptimConfig", "TrainingError", "build_optimizers", "train_step"]
@@ -35,20 +36,30 @@ class OptimConfig(StrictModel):
         lr: learning rate of one worker.
         sparse_lr: learning rate of the sparse embedding tables (default: ``lr``).
         betas, eps: Adam's (paper: 0.9, 0.999, 1e-8).
+        sparse_eps: SparseAdam's eps (default: ``eps``). Adam's step is about ``lr`` in the
+            sign of the gradient whatever its size, so a row that one or two samples touch
+            moves as far as a row that thousands do; with an eps near the size of a rare row's
+            gradient its step shrinks with the gradient, as Adagrad's initial accumulator
+            makes it.
         scale_lr_by_workers: multiply the learning rates by the number of Horovod workers
             (the global batch grows with them; Goyal et al.'s linear scaling rule).
         embedding_l2: coefficient of the touched-row ("lazy") L2 of the embeddings,
             ``Σ_fields Σ_{distinct ids of the batch} ||E[id]||² / batch_size``
             (:meth:`esmm.model.ESMMModel.embedding_l2`), added to the loss; rows not in the
             batch are not decayed and sparse gradients stay sparse. 0 = off.
+        weight_average_decay: evaluate, keep and register the exponential moving average of
+            the weights over the training steps with this decay (:mod:`esmm.averaging`;
+            its horizon is about ``1 / (1 − decay)`` steps). 0 = off: the last weights.
     """
 
     lr: float = Field(default=1e-3, gt=0)
     sparse_lr: float | None = Field(default=None, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
+    sparse_eps: float | None = Field(default=None, gt=0, json_schema_extra=neutral_at(None))
     scale_lr_by_workers: bool = True
     embedding_l2: float = Field(default=0.0, ge=0)
+    weight_average_decay: float = Field(default=0.0, ge=0, lt=1, json_schema_extra=neutral_at(0.0))
 
 
 class TrainingError(RuntimeError):
@@ -77,7 +88,7 @@ def build_optimizers(model: torch.nn.Module, optim: OptimConfig, hvd) -> list:
             sparse_params,
             lr=(optim.sparse_lr or optim.lr) * lr_scale,
             betas=optim.betas,
-            eps=optim.eps,
+            eps=optim.sparse_eps or optim.eps,
         )
         # Sparse gradients are allgathered (indices + rows touched), never densified.
         optimizers.append(
@@ -94,11 +105,14 @@ def train_step(
     batch: dict[str, torch.Tensor],
     cfg: TrainConfig,
     generator: torch.Generator,
+    average: WeightAverage | None = None,
 ) -> tuple[float, dict[str, float]]:
     """One optimisation step: forward, the variant's loss, backward (gradients allreduced by
     the DistributedOptimizer hooks), update. With ``optim.embedding_l2 > 0`` the loss also
     has ``embedding_l2 ×`` :meth:`~esmm.model.ESMMModel.embedding_l2`, logged (without the
-    coefficient) as the part ``embedding_l2``.
+    coefficient) as the part ``embedding_l2``. With a weight ``average``, the gradients are
+    allreduced first (``synchronize``), so that it sees the rows the step will move, and the
+    step's weights are folded into it afterwards.
 
     Every rank always takes the step, even when its loss is not finite: skipping the backward
     pass would leave the other ranks waiting for this rank's gradients. The caller checks the
@@ -123,8 +137,17 @@ def train_step(
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
-    for optimizer in optimizers:
-        optimizer.step()
+    if average is None:
+        for optimizer in optimizers:
+            optimizer.step()
+    else:
+        for optimizer in optimizers:
+            optimizer.synchronize()
+        average.before_step()
+        for optimizer in optimizers:
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        average.after_step()
     return float(loss.detach()), {name: float(part) for name, part in parts.items()}
 
 

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from contract.config import ConfigError, StrictModel, add_override_argument, loa
 from contract.dates import DateError, parse_partitions
 from contract.fields import FieldsConfig
 from esmm.admission import admission_summary, admission_tables, allreduce_counts, count_ids
+from esmm.averaging import WeightAverage
 from esmm.checkpoint import save_checkpoint
 from esmm.data import (
     DataConfig,
@@ -250,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.load_state_dict(
                 hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="opt_state")
             )
+    # The weights evaluated, kept and registered: their moving average (optim:), or the last.
+    average = None
+    if cfg.optim.weight_average_decay > 0:
+        average = WeightAverage(model, model.sparse_parameters(), cfg.optim.weight_average_decay)
+        if state is not None and state.get("weight_average") is not None:
+            average.load_state_dict(state["weight_average"])
 
     # Which host each rank ran on, in rank order: the run's tag ``hosts`` (a slow or failed
     # host of a multi-host run is then one look away).
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in lockstep.batches(batches, cfg.max_steps_per_epoch):
                     if example_batch is None:
                         example_batch = {k: v[:3].cpu().numpy() for k, v in batch.items()}
-                    loss, parts = train_step(model, optimizers, batch, cfg, loss_generator)
+                    loss, parts = train_step(model, optimizers, batch, cfg, loss_generator, average)
                     lockstep.check(loss, parts, f"epoch {epoch + 1}, step {steps + 1}")
                     steps += 1
                     samples += int(batch["click"].shape[0])
@@ -336,7 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress.close()
 
             # ---- evaluation over the whole validation (or eval) set, across all ranks ----
-            arrays = evaluate(model, per_epoch_urls, fields, cfg.data, hvd, device, oracle)
+            # (with weight averaging, of the average: what a kept epoch keeps)
+            with average.applied() if average is not None else nullcontext():
+                arrays = evaluate(model, per_epoch_urls, fields, cfg.data, hvd, device, oracle)
+                epoch_state = (
+                    {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if rule is not None
+                    else None
+                )
             epoch_train = {
                 "train_loss": float(running_loss) if running_loss is not None else float("nan"),
                 "train_samples_per_s": samples * size / max(elapsed, 1e-9),
@@ -354,9 +369,12 @@ def main(argv: list[str] | None = None) -> int:
                 # Rank 0's decision holds for every rank (they hold the same weights).
                 kept, stop = hvd.broadcast_object((kept, stop), root_rank=0, name="selection")
                 if kept:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = epoch_state
+            epoch_state = None
             if is_chief:
                 extra = {"selection": rule.state(), "best_model": best_state} if rule else {}
+                if average is not None:
+                    extra["weight_average"] = average.state_dict()
                 save_checkpoint(
                     checkpoint_dir, epoch, model, optimizers, tracker.run_id, cfg, extra
                 )
@@ -364,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
         # ---- the test day, once, with the kept epoch's weights ---------------------------
+        if average is not None and (rule is None or best_state is None):
+            average.copy_to_model()  # the last epoch is kept: its average
         if rule is not None:
             best_epoch = hvd.broadcast_object(rule.best_epoch, root_rank=0, name="best_epoch")
             if best_state is not None:

@@ -46,6 +46,7 @@ from experiments.tables import (
     memorisation_table,
     ranking_table,
     reference_ablation_table,
+    spread_table,
 )
 
 __all__ = ["COMMANDS", "Outcome", "main", "parse_args", "write_report"]
@@ -69,8 +70,9 @@ REFERENCE_PROJECT_OPTIM = "esmm (torch-rechub, project's optimizers)"
 
 
 def paper_specs(cfg: ExperimentConfig) -> list[RunSpec]:
+    overrides = tuple(cfg.paper_table.overrides)
     specs = [
-        RunSpec(variant, variant, seed, cfg.data)
+        RunSpec(variant, variant, seed, cfg.data, overrides)
         for variant in cfg.paper_table.variants
         for seed in cfg.seeds
     ]
@@ -244,8 +246,24 @@ def cmd_map(ctx: Context, parent: str, out: Path) -> Outcome:
 
 
 def cmd_memorisation(ctx: Context, parent: str, out: Path) -> Outcome:
+    return _compare_settings(ctx, parent, out, "memorisation", memorisation_table)
+
+
+def cmd_spread(ctx: Context, parent: str, out: Path) -> Outcome:
+    return _compare_settings(ctx, parent, out, "spread", spread_table)
+
+
+def _compare_settings(
+    ctx: Context,
+    parent: str,
+    out: Path,
+    name: str,
+    make_table: Callable[[dict[str, list[RunResult]], list[str], str], Table],
+) -> Outcome:
+    """Every setting × variant × seed of the section ``name`` on its datasets, judged on the
+    validation day (``day="valid"``), in ``make_table``'s table."""
     cfg = ctx.cfg
-    section = _section(ctx, "memorisation")
+    section = _section(ctx, name)
     names = section.datasets or ["data"]
     by_dataset: dict[str, list[RunResult]] = {}
     for name in names:
@@ -257,7 +275,7 @@ def cmd_memorisation(ctx: Context, parent: str, out: Path) -> Outcome:
             for seed in cfg.seeds_for(section.seeds)
         ]
         by_dataset[name] = train_all(ctx, specs, parent, day="valid")
-    table = memorisation_table(by_dataset, section.variants, section.settings[0].label)
+    table = make_table(by_dataset, section.variants, section.settings[0].label)
     return Outcome([table], table.write(out), [r for rs in by_dataset.values() for r in rs])
 
 
@@ -337,6 +355,7 @@ COMMANDS: dict[str, Callable[[Context, str, Path], Outcome]] = {
     "ranking": cmd_ranking,
     "bias-sweep": cmd_bias_sweep,
     "memorisation": cmd_memorisation,
+    "spread": cmd_spread,
     "map": cmd_map,
     "ceiling": cmd_ceiling,
     "reference-ablation": cmd_reference_ablation,
@@ -362,6 +381,10 @@ DESCRIPTIONS = {
     "memorisation": "remedies of id memorisation (embedding L2, a lower sparse learning rate, "
     "id admission, tower dropout) against the current defaults, per variant, judged on the "
     "validation day only: which to keep as the trainer's defaults",
+    "spread": "settings that might make a training steadier from seed to seed (weight "
+    "averaging, smaller initial embeddings, id admission) against the current defaults, per "
+    "variant: the spread over seeds of the validation day's entire-space CVR AUC, judged on "
+    "the validation day only: which to keep as the trainer's defaults",
     "map": "when ESMM helps: every variant's CVR AUC gain over BASE (clicked and entire "
     "space, ± standard error over seeds) on a grid of sparsity levels x selection-bias "
     "values, as a table and a heatmap; --set 'map.levels=[sparse]' runs one level at a time",

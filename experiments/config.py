@@ -97,6 +97,10 @@ class PaperTableConfig(StrictModel):
     # rates in its dense Adam, and with the project's optimizers (SparseAdam + Adam)
     torch_rechub_project_lr: bool = False
     torch_rechub_project_optim: bool = False
+    # --set of esmm.train for the project's trainings of the table (a setting chosen by
+    # `spread` or `memorisation`): a run's own overrides, so theirs with the same sets are
+    # reused; torch-rechub's rows are its own trainer's and do not take them
+    overrides: list[str] = Field(default_factory=list)
 
 
 class TaskWeightsConfig(StrictModel):
@@ -153,6 +157,14 @@ class MemorisationConfig(StrictModel):
     seeds: int | None = Field(default=None, ge=1)
 
 
+class SpreadConfig(MemorisationConfig):
+    """Settings that might make a training steadier from seed to seed, compared on the
+    validation day only (the spread over seeds of the kept epoch's ``kept_valid_*`` metrics,
+    the entire-space CVR AUC's first); the first setting is the reference (the defaults)."""
+
+    variants: list[Variant] = Field(default_factory=lambda: ["base", "esmm", "escm2_dr"])
+
+
 class CeilingConfig(StrictModel):
     """The learnable ceiling: the same training on ``factor`` × the impressions a day (the
     same preset, population and days), against the oracle's AUCs."""
@@ -198,6 +210,7 @@ class ExperimentConfig(StrictModel):
     datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     map: MapConfig | None = None
     memorisation: MemorisationConfig | None = None
+    spread: SpreadConfig | None = None
     ceiling: CeilingConfig | None = None
     reference_ablation: ReferenceAblationConfig | None = None
     quick: list[str] = Field(default_factory=list)
@@ -239,6 +252,7 @@ class ExperimentConfig(StrictModel):
     def _named_datasets_exist(self) -> ExperimentConfig:
         named = [*(self.map.levels if self.map else [])]
         named += self.memorisation.datasets if self.memorisation else []
+        named += self.spread.datasets if self.spread else []
         named += [self.ceiling.dataset] if self.ceiling and self.ceiling.dataset else []
         ablation = self.reference_ablation
         named += [ablation.dataset] if ablation and ablation.dataset else []

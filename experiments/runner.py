@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import commands
-from contract.config import ConfigError, load_config
+from contract.config import ConfigError, digest_json, load_config
 from contract.fields import FieldsConfig
 from experiments.config import DataSpec, ExperimentConfig
 
@@ -60,11 +60,12 @@ def project_path(path: str | Path) -> Path:
 
 def config_digest(path: Path, model: type, what: str) -> str:
     """SHA-256 of the config at ``path`` as ``model`` validates it (every key, defaults
-    included): what the trainer will read, not how the file spells it. A missing or invalid
+    included, but keys added later while they hold their neutral value: :func:`digest_json`):
+    what the trainer will read, not how the file spells it. A missing or invalid
     file is a :class:`ConfigError` naming ``what``."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
-    content = load_config(path, model).model_dump_json()
+    content = digest_json(load_config(path, model))
     return hashlib.sha256(content.encode()).hexdigest()
 
 

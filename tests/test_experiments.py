@@ -498,6 +498,38 @@ def test_memorisation_table_judges_on_validation_metrics_only():
     assert "99" not in text and "11.00" not in text and "0.11" not in text
 
 
+def test_spread_table_shows_the_validation_spread_over_seeds_and_never_the_test_day():
+    def run(label, seed, valid_es, valid_cvr, test):
+        spec = runner.RunSpec(label, "esmm", seed, config.DataSpec(), ())
+        metrics = {
+            "kept_valid_entire_space_cvr_auc": valid_es,
+            "kept_valid_cvr_auc": valid_cvr,
+            "entire_space_cvr_auc": test,
+            "kept_epoch": 1.0,
+        }
+        return runner.RunResult(spec, "r", metrics, 1.0)
+
+    results = [
+        run("defaults", 1, 0.60, 0.70, 0.93),
+        run("defaults", 2, 0.64, 0.70, 0.93),
+        run("averaged", 1, 0.62, 0.71, 0.17),
+        run("averaged", 2, 0.63, 0.71, 0.17),
+    ]
+    table = tables.spread_table({"sparse": results}, ["esmm"], "defaults")
+    assert table.name == "spread"
+    assert table.header[2:7] == [
+        "esmm valid entire-space CVR AUC",
+        "change",
+        "esmm valid CVR AUC (clicked)",
+        "change",
+        "esmm kept epoch",
+    ]
+    assert table.rows[0][2:4] == ["62.00 ± 2.83", "-"]
+    assert table.rows[1][2:6] == ["62.50 ± 0.71", "+0.50 ± 2.06", "71.00 ± 0.00", "+1.00 ± 0.00"]
+    text = table.markdown() + repr(table.csv_rows)
+    assert "93" not in text and "17.00" not in text and "0.17" not in text
+
+
 def test_the_map_rebuilds_offline_from_kept_summaries_and_says_which_are_missing(tmp_path, capsys):
     import json
 
@@ -570,6 +602,28 @@ def test_the_committed_results_regenerate_from_their_summaries(tmp_path, capsys)
             row = rows[model]
             shown = tables.fmt_auc(float(row["cvr_auc_mean"]), float(row["cvr_auc_std"]))
             assert shown in results_md, (model, shown)
+
+
+def test_a_paper_table_with_overrides_reuses_the_spread_runs_of_the_same_setting(tmp_path):
+    sets = [f"workdir={tmp_path}", "paper_table.torch_rechub=false"]
+    cfg = config.load_experiment_config(CONFIG, False, sets)
+    setting = cfg.spread.settings[1]
+    assert setting.sets  # the config's first candidate
+    with_sets = config.load_experiment_config(
+        CONFIG, False, [*sets, f"paper_table.overrides=[{', '.join(setting.sets)}]"]
+    )
+    data = cfg.dataset("sparse")
+    spread_keys = {
+        runner.RunSpec(setting.label, v, s, data, tuple(setting.sets)).key(cfg)
+        for v in cfg.spread.variants
+        for s in cfg.seeds_for(cfg.spread.seeds)
+    }
+    sparse = with_sets.model_copy(update={"data": data})
+    table_keys = {spec.key(sparse) for spec in cli.paper_specs(sparse)}
+    assert spread_keys <= table_keys
+    # and without them the table is the defaults' (other keys)
+    plain = cfg.model_copy(update={"data": data})
+    assert not spread_keys & {spec.key(plain) for spec in cli.paper_specs(plain)}
 
 
 def test_the_torch_rechub_reference_is_its_own_training_with_the_same_inputs(tmp_path):

@@ -329,6 +329,15 @@ def step_once(embedding_l2: float) -> tuple[float, dict[str, float], float, torc
     return loss, parts, float(today + embedding_l2 * penalty), penalty
 
 
+def test_sparse_eps_is_sparse_adams_alone() -> None:
+    model = toy_model()
+    optimizers = build_optimizers(model, OptimConfig(sparse_eps=1e-4), OneProcess())
+    eps = {type(o).__name__: o.param_groups[0]["eps"] for o in optimizers}
+    assert eps == {"Adam": 1e-8, "SparseAdam": 1e-4}
+    default = build_optimizers(model, OptimConfig(), OneProcess())
+    assert {o.param_groups[0]["eps"] for o in default} == {1e-8}
+
+
 def test_train_step_without_embedding_l2_gives_todays_loss() -> None:
     loss, parts, today, _ = step_once(0.0)
     assert loss == today

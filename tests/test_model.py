@@ -116,6 +116,24 @@ def test_single_valued_missing_id_has_its_own_learned_embedding() -> None:
     assert embedding(torch.tensor([0])).abs().sum() > 0
 
 
+@pytest.mark.parametrize("std", [0.0, 0.001, 0.5])
+def test_every_table_starts_from_the_configured_init_std(std: float) -> None:
+    model = build_model(FIELDS, ModelConfig(variant="base", embedding_init_std=std))
+    for collection in (model.ctr_embedding, model.second_embedding):
+        for name, embedding in collection.embeddings.items():
+            rows = embedding.table.weight.detach()
+            if embedding.multi:
+                assert not rows[0].any(), name  # the padding row stays zero
+                rows = rows[1:]
+            assert rows.std().item() == pytest.approx(std, rel=0.2, abs=1e-12), name
+
+
+def test_default_init_std_is_the_small_one() -> None:
+    assert ModelConfig().embedding_init_std == 0.01
+    with pytest.raises(ValidationError):
+        ModelConfig(embedding_init_std=-0.1)
+
+
 def test_embedding_collection_concatenates_fields_in_list_order() -> None:
     collection = EmbeddingCollection(FIELDS, embedding_dim=2)
     batch = make_batch(size=3)
