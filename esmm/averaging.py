@@ -46,6 +46,12 @@ def step_decay(decay: float, step: int) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+def _held(average: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor):
+    """``rows``' average after steps in which their weights stayed ``weights``: of the old
+    average, ``keep`` (the product of those steps' decays) remains. ``weights`` is consumed."""
+    return average.index_select(0, rows).mul_(keep).add_(weights.mul_(1 - keep))
+
+
 class WeightAverage:
     """The moving average of a model's parameters, kept beside it.
 
@@ -103,8 +109,7 @@ class WeightAverage:
             return
         keep = self._product(self.last[name][rows], until).to(param.dtype).unsqueeze(1)
         average = self.average[name]
-        caught_up = average.index_select(0, rows).mul_(keep)
-        caught_up.add_(param.detach().index_select(0, rows).mul_(1 - keep))
+        caught_up = _held(average, rows, keep, param.detach().index_select(0, rows))
         average.index_copy_(0, rows, caught_up)
         self.last[name].index_fill_(0, rows, until)
 
@@ -144,7 +149,7 @@ class WeightAverage:
                 continue
             rows, keep, before = self._touched[name]
             average = self.average[name]
-            rows_average = average.index_select(0, rows).mul_(keep).add_(before.mul_(1 - keep))
+            rows_average = _held(average, rows, keep, before)
             rows_average.mul_(decay).add_(param.detach().index_select(0, rows), alpha=1 - decay)
             average.index_copy_(0, rows, rows_average)
             self.last[name].index_fill_(0, rows, step)

@@ -344,33 +344,30 @@ def main(argv: list[str] | None = None) -> int:
                 progress.close()
 
             # ---- evaluation over the whole validation (or eval) set, across all ranks ----
-            # (with weight averaging, of the average: what a kept epoch keeps)
-            with average.applied() if average is not None else nullcontext():
-                arrays = evaluate(model, per_epoch_urls, fields, cfg.data, hvd, device, oracle)
-                epoch_state = (
-                    {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    if rule is not None
-                    else None
-                )
             epoch_train = {
                 "train_loss": float(running_loss) if running_loss is not None else float("nan"),
                 "train_samples_per_s": samples * size / max(elapsed, 1e-9),
                 "train_steps": float(steps),
             }
-            kept, stop = False, False
-            if is_chief:
-                metrics = evaluate_predictions(arrays)
+            # (with weight averaging, of the average: what a kept epoch keeps)
+            with average.applied() if average is not None else nullcontext():
+                arrays = evaluate(model, per_epoch_urls, fields, cfg.data, hvd, device, oracle)
+                kept, stop = False, False
+                if is_chief:
+                    metrics = evaluate_predictions(arrays)
+                    if rule is not None:
+                        kept, stop = rule.update(epoch, metrics), rule.should_stop
+                    named = {per_epoch_prefix + k: v for k, v in metrics.items()}
+                    tracker.log_epoch(epoch, {**epoch_train, **named})
+                    print(
+                        epoch_line(epoch, cfg.epochs, named, per_epoch_prefix, kept),
+                        file=sys.stderr,
+                    )
                 if rule is not None:
-                    kept, stop = rule.update(epoch, metrics), rule.should_stop
-                named = {per_epoch_prefix + k: v for k, v in metrics.items()}
-                tracker.log_epoch(epoch, {**epoch_train, **named})
-                print(epoch_line(epoch, cfg.epochs, named, per_epoch_prefix, kept), file=sys.stderr)
-            if rule is not None:
-                # Rank 0's decision holds for every rank (they hold the same weights).
-                kept, stop = hvd.broadcast_object((kept, stop), root_rank=0, name="selection")
-                if kept:
-                    best_state = epoch_state
-            epoch_state = None
+                    # Rank 0's decision holds for every rank (they hold the same weights).
+                    kept, stop = hvd.broadcast_object((kept, stop), root_rank=0, name="selection")
+                    if kept:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if is_chief:
                 extra = {"selection": rule.state(), "best_model": best_state} if rule else {}
                 if average is not None:

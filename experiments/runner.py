@@ -6,11 +6,13 @@ python -m esmm.train``), with the command lines of :mod:`contract.commands`.
 
 Both are cached under the work dir: a dataset by :meth:`DataSpec.key`, a finished training by
 :meth:`RunSpec.key`, a digest of everything that determines the training (the data spec,
-variant, seed, the run's and the experiment's trainer overrides, the contents of the train
-config and of the field list it names as their loaders read them (a comment or a reordering
-changes nothing, a value does), the number of Horovod workers). A changed setting
+variant, seed, the train config as the trainer reads it after the experiment's and the
+run's overrides, and the field list it names, as their loaders read them (a comment or a
+reordering changes nothing, a value does), the number of Horovod workers). A changed setting
 therefore trains again, and two experiments that share a training (the paper table's ESMM
-and the task-weights default) share its key and train it once.
+and the task-weights default) share its key and train it once. So do a setting given as an
+override and the same setting made the train config's default: a default can change without
+orphaning the trainings that measured it.
 """
 
 from __future__ import annotations
@@ -58,14 +60,15 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else commands.PROJECT_ROOT / path
 
 
-def config_digest(path: Path, model: type, what: str) -> str:
-    """SHA-256 of the config at ``path`` as ``model`` validates it (every key, defaults
-    included, but keys added later while they hold their neutral value: :func:`digest_json`):
-    what the trainer will read, not how the file spells it. A missing or invalid
-    file is a :class:`ConfigError` naming ``what``."""
+def config_digest(path: Path, model: type, what: str, overrides: Sequence[str] = ()) -> str:
+    """SHA-256 of the config at ``path`` with ``overrides`` applied, as ``model`` validates
+    it (every key, defaults included, but keys added later while they hold their neutral
+    value: :func:`digest_json`): what the trainer will read, not how the file and the
+    command line spell it. A missing or invalid file is a :class:`ConfigError` naming
+    ``what``."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
-    content = digest_json(load_config(path, model))
+    content = digest_json(load_config(path, model, overrides))
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -84,6 +87,10 @@ def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
     )
     return project_path(train_cfg.fields_config)
 
+
+# determinants a summary shows but the key leaves out: the train config's digest is taken
+# after them (RunSpec.determinants)
+NOT_IN_KEY = ("overrides", "train_overrides")
 
 # the reference's diagnostic implementations and the --optimizer of experiments/reference.py
 # each one runs with (its learning rates are the project's, scaled as np workers scale them)
@@ -128,7 +135,15 @@ class RunSpec:
             "seed": self.seed,
             "overrides": list(self.overrides),
             "train_overrides": list(cfg.train_overrides),
-            "train_config": config_digest(train_config, _train_config_model(), "train_config"),
+            # the train config the trainer runs with: the file after both lists of overrides,
+            # so a setting given as an override and the same setting as the file's default
+            # are one training (the two lists above are shown, not part of the key)
+            "train_config": config_digest(
+                train_config,
+                _train_config_model(),
+                "train_config",
+                [*cfg.train_overrides, *self.overrides],
+            ),
             "fields": config_digest(
                 fields_file(cfg, self.overrides), FieldsConfig, "fields_config"
             ),
@@ -139,7 +154,10 @@ class RunSpec:
     def key(self, cfg: ExperimentConfig) -> str:
         """The cache key of this training under ``cfg``: a digest of its
         :meth:`determinants`."""
-        payload = json.dumps(self.determinants(cfg), sort_keys=True)
+        determinants = self.determinants(cfg)
+        for shown in NOT_IN_KEY:
+            determinants.pop(shown)
+        payload = json.dumps(determinants, sort_keys=True)
         digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
         return f"{self.variant}-s{self.seed}-{digest}"
 

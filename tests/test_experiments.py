@@ -158,7 +158,8 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
     fields_yaml.write_bytes(Path("conf/fields.yaml").read_bytes())
     train_yaml = tmp_path / "train.yaml"
     train_text = Path("conf/train.yaml").read_text()
-    assert "fields_config: conf/fields.yaml" in train_text and "\nepochs: 1 " in train_text
+    assert "fields_config: conf/fields.yaml" in train_text and "  embedding_dim: 18 " in train_text
+    assert "  sparse_lr: 0.01 " in train_text
     train_yaml.write_text(
         train_text.replace("fields_config: conf/fields.yaml", f"fields_config: {fields_yaml}")
     )
@@ -166,6 +167,9 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
     spec = runner.RunSpec("esmm", "esmm", 1, config.DataSpec())
     key = spec.key(cfg)
     assert dataclasses.replace(spec, label="(1, 0, 1)").key(cfg) == key  # a label is no setting
+    # an override that restates the file's value is no setting either
+    assert dataclasses.replace(spec, overrides=("optim.sparse_lr=0.01",)).key(cfg) == key
+    as_override = dataclasses.replace(spec, overrides=("optim.sparse_lr=0.02",)).key(cfg)
     assert runner.fields_file(cfg) == fields_yaml
 
     changed = {
@@ -179,12 +183,21 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
     train_yaml.write_text(train_yaml.read_text() + "\n# a comment changes no training\n")
     fields_yaml.write_text(fields_yaml.read_text().replace("fields:", "fields:  # same\n", 1))
     assert spec.key(cfg) == key
-    train_yaml.write_text(train_yaml.read_text().replace("\nepochs: 1 ", "\nepochs: 2 "))
+    train_yaml.write_text(train_yaml.read_text().replace("embedding_dim: 18 ", "embedding_dim: 16 "))
     changed["train config contents"] = spec.key(cfg)
     fields_yaml.write_text(fields_yaml.read_text().replace("num_buckets: 8}", "num_buckets: 9}", 1))
     changed["field list contents"] = spec.key(cfg)
     assert key not in changed.values(), {k: v for k, v in changed.items() if v == key}
     assert len(set(changed.values())) == len(changed)
+
+    # a setting made the file's default is the training it was as an override (its summary
+    # stays valid), and the file's old value as an override is the training before
+    train_yaml.write_text(train_yaml.read_text().replace("embedding_dim: 16 ", "embedding_dim: 18 "))
+    fields_yaml.write_text(Path("conf/fields.yaml").read_text())
+    assert spec.key(cfg) == key
+    train_yaml.write_text(train_yaml.read_text().replace("sparse_lr: 0.01 ", "sparse_lr: 0.02 "))
+    assert spec.key(cfg) == as_override
+    assert dataclasses.replace(spec, overrides=("optim.sparse_lr=0.01",)).key(cfg) == key
 
     missing = cfg.model_copy(update={"train_config": str(tmp_path / "missing.yaml")})
     with pytest.raises(ConfigError, match=r"train_config .*missing\.yaml: file not found"):
