@@ -183,7 +183,8 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
     train_yaml.write_text(train_yaml.read_text() + "\n# a comment changes no training\n")
     fields_yaml.write_text(fields_yaml.read_text().replace("fields:", "fields:  # same\n", 1))
     assert spec.key(cfg) == key
-    train_yaml.write_text(train_yaml.read_text().replace("embedding_dim: 18 ", "embedding_dim: 16 "))
+    dim = train_yaml.read_text().replace("embedding_dim: 18 ", "embedding_dim: 16 ")
+    train_yaml.write_text(dim)
     changed["train config contents"] = spec.key(cfg)
     fields_yaml.write_text(fields_yaml.read_text().replace("num_buckets: 8}", "num_buckets: 9}", 1))
     changed["field list contents"] = spec.key(cfg)
@@ -192,7 +193,8 @@ def test_cache_key_changes_with_every_setting_that_changes_a_training(tmp_path):
 
     # a setting made the file's default is the training it was as an override (its summary
     # stays valid), and the file's old value as an override is the training before
-    train_yaml.write_text(train_yaml.read_text().replace("embedding_dim: 16 ", "embedding_dim: 18 "))
+    dim = train_yaml.read_text().replace("embedding_dim: 16 ", "embedding_dim: 18 ")
+    train_yaml.write_text(dim)
     fields_yaml.write_text(Path("conf/fields.yaml").read_text())
     assert spec.key(cfg) == key
     train_yaml.write_text(train_yaml.read_text().replace("sparse_lr: 0.01 ", "sparse_lr: 0.02 "))
