@@ -60,16 +60,19 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else commands.PROJECT_ROOT / path
 
 
-def config_digest(path: Path, model: type, what: str, overrides: Sequence[str] = ()) -> str:
-    """SHA-256 of the config at ``path`` with ``overrides`` applied, as ``model`` validates
-    it (every key, defaults included, but keys added later while they hold their neutral
-    value: :func:`digest_json`): what the trainer will read, not how the file and the
-    command line spell it. A missing or invalid file is a :class:`ConfigError` naming
-    ``what``."""
+def _digest(config: Any) -> str:
+    """SHA-256 of a validated config (every key, defaults included, but keys added later
+    while they hold their neutral value: :func:`digest_json`): what a program will read, not
+    how the file and the command line spell it."""
+    return hashlib.sha256(digest_json(config).encode()).hexdigest()
+
+
+def config_digest(path: Path, model: type, what: str) -> str:
+    """:func:`_digest` of the config at ``path`` as ``model`` validates it. A missing or
+    invalid file is a :class:`ConfigError` naming ``what``."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
-    content = digest_json(load_config(path, model, overrides))
-    return hashlib.sha256(content.encode()).hexdigest()
+    return _digest(load_config(path, model))
 
 
 def _train_config_model() -> type:
@@ -78,14 +81,20 @@ def _train_config_model() -> type:
     return TrainConfig
 
 
+def train_config(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Any:
+    """The train config the trainer runs with: the file after the experiment's and the
+    run's overrides. A missing or invalid file, or a bad override, is a :class:`ConfigError`."""
+    path = project_path(cfg.train_config)
+    if not path.is_file():
+        raise ConfigError(f"train_config {path}: file not found")
+    return load_config(path, _train_config_model(), [*cfg.train_overrides, *overrides])
+
+
 def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
-    """The field list the trainer reads: ``fields_config`` of the train config after the
-    experiment's and the run's overrides (the driver passes no ``--fields``). Loading the
-    train config here also validates it and the overrides before anything runs."""
-    train_cfg = load_config(
-        project_path(cfg.train_config), _train_config_model(), [*cfg.train_overrides, *overrides]
-    )
-    return project_path(train_cfg.fields_config)
+    """The field list the trainer reads: ``fields_config`` of :func:`train_config` (the
+    driver passes no ``--fields``). Loading the train config here also validates it and the
+    overrides before anything runs."""
+    return project_path(train_config(cfg, overrides).fields_config)
 
 
 # determinants a summary shows but the key leaves out: the train config's digest is taken
@@ -121,7 +130,10 @@ class RunSpec:
     def determinants(self, cfg: ExperimentConfig) -> dict[str, Any]:
         """Everything that determines this training under ``cfg`` (see the module docstring);
         raises :class:`ConfigError` when the train config or its field list cannot be read."""
-        train_config = project_path(cfg.train_config)
+        # the train config the trainer runs with, after both lists of overrides: a setting
+        # given as an override and the same setting as the file's default are one training
+        # (the two lists are shown in the summary, not part of the key)
+        trainer = train_config(cfg, self.overrides)
         # the reference implementation is one process; with the project's learning rates
         # they are scaled as np workers would scale them
         implementation: dict[str, Any] = {}
@@ -135,17 +147,9 @@ class RunSpec:
             "seed": self.seed,
             "overrides": list(self.overrides),
             "train_overrides": list(cfg.train_overrides),
-            # the train config the trainer runs with: the file after both lists of overrides,
-            # so a setting given as an override and the same setting as the file's default
-            # are one training (the two lists above are shown, not part of the key)
-            "train_config": config_digest(
-                train_config,
-                _train_config_model(),
-                "train_config",
-                [*cfg.train_overrides, *self.overrides],
-            ),
+            "train_config": _digest(trainer),
             "fields": config_digest(
-                fields_file(cfg, self.overrides), FieldsConfig, "fields_config"
+                project_path(trainer.fields_config), FieldsConfig, "fields_config"
             ),
             "np": cfg.np,
             **implementation,
