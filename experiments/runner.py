@@ -67,12 +67,17 @@ def _digest(config: Any) -> str:
     return hashlib.sha256(digest_json(config).encode()).hexdigest()
 
 
-def config_digest(path: Path, model: type, what: str) -> str:
-    """:func:`_digest` of the config at ``path`` as ``model`` validates it. A missing or
+def _load(path: Path, model: type, what: str, overrides: Sequence[str] = ()) -> Any:
+    """The config at ``path`` with ``overrides``, as ``model`` validates it. A missing or
     invalid file is a :class:`ConfigError` naming ``what``."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
-    return _digest(load_config(path, model))
+    return load_config(path, model, overrides)
+
+
+def config_digest(path: Path, model: type, what: str) -> str:
+    """:func:`_digest` of the config at ``path`` as ``model`` validates it (:func:`_load`)."""
+    return _digest(_load(path, model, what))
 
 
 def _train_config_model() -> type:
@@ -85,9 +90,8 @@ def train_config(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Any:
     """The train config the trainer runs with: the file after the experiment's and the
     run's overrides. A missing or invalid file, or a bad override, is a :class:`ConfigError`."""
     path = project_path(cfg.train_config)
-    if not path.is_file():
-        raise ConfigError(f"train_config {path}: file not found")
-    return load_config(path, _train_config_model(), [*cfg.train_overrides, *overrides])
+    overrides = [*cfg.train_overrides, *overrides]
+    return _load(path, _train_config_model(), "train_config", overrides)
 
 
 def fields_file(cfg: ExperimentConfig, overrides: Sequence[str] = ()) -> Path:
