@@ -45,7 +45,9 @@ __all__ = [
     "map_table",
     "mean_std",
     "memorisation_table",
+    "paired_gap_with_error",
     "ranking_table",
+    "seed_effects",
     "spread_table",
     "stat",
 ]
@@ -188,13 +190,19 @@ def comparison_table(
             mean, std = stat(group_results, metric)
             row.append(fmt_auc(mean, std))
             if ref:
-                row.append(fmt_gain(mean, stat(ref, metric)[0]))
+                if group_results is ref:
+                    row.append(fmt_gain(mean, stat(ref, metric)[0]))
+                else:
+                    row.append(fmt_gap(*paired_gap_with_error(ref, group_results, metric)))
         row.append(fmt_ratio(*stat(group_results, "cvr_ieb")))
         row.append(fmt_epoch(*stat(group_results, "kept_epoch")))
         rows.append(row)
         csv_row: list[Any] = [label, len(group_results)]
         for metric in CSV_METRICS:
             csv_row.extend(stat(group_results, metric))
+        if ref:
+            for metric, _ in COMPARED:
+                csv_row.extend(paired_gap_with_error(ref, group_results, metric))
         csv_row.append(" ".join(r.run_id for r in group_results))
         csv_rows.append(csv_row)
     everything = list(results)
@@ -209,8 +217,94 @@ def comparison_table(
     csv_header = [label_header, "seeds"]
     for metric in CSV_METRICS:
         csv_header += [f"{metric}_mean", f"{metric}_std"]
+    if ref:
+        for metric, _ in COMPARED:
+            csv_header += [f"gain_{metric}", f"gain_{metric}_stderr"]
     csv_header.append("mlflow_run_ids")
-    return Table(name, title, header, rows, csv_header, csv_rows, list(notes))
+    notes = list(notes)
+    if ref:
+        notes.append(
+            f"Gains over {reference} ± their standard error. Where a method ran the same "
+            f"seeds as {reference} (2 or more), the error is paired: the std of the per-seed "
+            "differences / sqrt(n), since a seed fixes the initialisation and the batch order "
+            "of every method alike; otherwise sqrt(s_a²/n_a + s_b²/n_b)."
+        )
+        effects = seed_effects(results, "entire_space_cvr_auc")
+        if effects:
+            notes.append(
+                "Seed effect on CVR AUC (entire space), each seed's mean over methods of its "
+                "run minus its method's mean, in points: "
+                + ", ".join(f"seed {s} {100 * e:+.2f}" for s, e in effects.items())
+                + "."
+            )
+    return Table(name, title, header, rows, csv_header, csv_rows, notes)
+
+
+def _by_seed(results: Sequence[RunResult], metric: str) -> dict[int, float]:
+    return {r.spec.seed: r.metrics.get(metric, math.nan) for r in results}
+
+
+def paired_gap_with_error(
+    base: Sequence[RunResult], other: Sequence[RunResult], metric: str
+) -> tuple[float, float]:
+    """mean(other) - mean(base) and its standard error, paired by seed where both sides ran
+    the same 2 or more seeds (each once): the std of the per-seed differences / sqrt(n).
+    Otherwise :func:`gap_with_error`'s unpaired error. A seed fixes the initialisation and
+    the batch order of every variant alike, so what a seed adds to one method's AUC it
+    largely adds to the other's; pairing takes that common part out of the error.
+
+    Example (the same two seeds: the differences are 3.0 and 3.0 points, no spread):
+        >>> from experiments.runner import RunResult, RunSpec
+        >>> from experiments.config import DataSpec
+        >>> runs = lambda label, *aucs: [
+        ...     RunResult(RunSpec(label, label, s, DataSpec()), "id", {"cvr_auc": a}, 1.0)
+        ...     for s, a in enumerate(aucs)]
+        >>> base, esmm = runs("base", 0.70, 0.72), runs("esmm", 0.73, 0.75)
+        >>> fmt_gap(*paired_gap_with_error(base, esmm, "cvr_auc"))
+        '+3.00 ± 0.00'
+        >>> fmt_gap(*gap_with_error(base, esmm, "cvr_auc"))
+        '+3.00 ± 1.41'
+        >>> fmt_gap(*paired_gap_with_error(base, runs("esmm", 0.73, 0.75, 0.74), "cvr_auc"))
+        '+3.00 ± 1.15'
+    """
+    a, b = _by_seed(base, metric), _by_seed(other, metric)
+    paired = len(a) == len(base) and len(b) == len(other) and a.keys() == b.keys()
+    diffs = [b[s] - a[s] for s in a] if paired else []
+    if len(diffs) < 2 or any(math.isnan(d) for d in diffs):
+        return gap_with_error(base, other, metric)
+    mean, std = mean_std(diffs)
+    return mean, std / math.sqrt(len(diffs))
+
+
+def seed_effects(results: Sequence[RunResult], metric: str) -> dict[int, float]:
+    """Per seed, the mean over labels of (that seed's run − the label's mean): what a seed
+    adds to every method alike. Only labels that ran 2 or more distinct seeds count; empty
+    when fewer than 2 labels do (one method's deviations are its own spread, not a shared
+    effect).
+
+    Example (seed 2 is half a point better for both methods):
+        >>> from experiments.runner import RunResult, RunSpec
+        >>> from experiments.config import DataSpec
+        >>> run = lambda label, s, a: RunResult(RunSpec(label, label, s, DataSpec()), "id",
+        ...                                     {"auc": a}, 1.0)
+        >>> runs = [run("base", 1, 0.700), run("base", 2, 0.710),
+        ...         run("esmm", 1, 0.690), run("esmm", 2, 0.700)]
+        >>> {s: round(100 * e, 2) for s, e in seed_effects(runs, "auc").items()}
+        {1: -0.5, 2: 0.5}
+    """
+    deviations: dict[int, list[float]] = {}
+    labels = 0
+    for group_results in group(results).values():
+        values = _by_seed(group_results, metric)
+        if len(values) < 2 or len(values) != len(group_results):
+            continue
+        labels += 1
+        mean = mean_std(list(values.values()))[0]
+        for seed, value in values.items():
+            deviations.setdefault(seed, []).append(value - mean)
+    if labels < 2:
+        return {}
+    return {s: float(np.mean(d)) for s, d in sorted(deviations.items())}
 
 
 def ieb_decile_table(results: Sequence[RunResult]) -> Table:

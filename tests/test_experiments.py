@@ -55,8 +55,8 @@ def test_comparison_table_has_gains_over_base_and_the_oracle_row(tmp_path):
     esmm = dict(zip(header, table.rows[1], strict=True))
     # gains are over BASE's mean, in points; each compared column is followed by its gain
     assert esmm["CVR AUC (clicked)"] == "69.00 ± 1.41"
-    assert table.rows[1][header.index("CVR AUC (clicked)") + 1] == "+3.00"
-    assert table.rows[1][header.index("CVR AUC (entire space)") + 1] == "+9.00"
+    assert table.rows[1][header.index("CVR AUC (clicked)") + 1] == "+3.00 ± 1.00"
+    assert table.rows[1][header.index("CVR AUC (entire space)") + 1] == "+9.00 ± 1.00"
     assert table.rows[2][header.index("CTCVR AUC")] == "90.00"
     md, csv_path = table.write(tmp_path)
     assert md.read_text().count("\n|") == 5  # header, separator, 3 rows
@@ -64,6 +64,33 @@ def test_comparison_table_has_gains_over_base_and_the_oracle_row(tmp_path):
     assert [r["model"] for r in rows] == ["base", "esmm"]
     assert float(rows[1]["cvr_auc_mean"]) == pytest.approx(0.69)
     assert rows[1]["mlflow_run_ids"] == "run-esmm-1 run-esmm-2"
+
+
+def test_comparison_table_pairs_gains_by_seed_and_reports_the_seed_effect(tmp_path):
+    # seed 2 adds 4 points to both methods: unpaired, the gap's error is 2.83 points; paired
+    # (the same seeds), the per-seed differences are both +1, so it is 0
+    results = [
+        result("base", 1, cvr_auc=0.60, ctcvr_auc=0.6, entire_space_cvr_auc=0.60),
+        result("base", 2, cvr_auc=0.64, ctcvr_auc=0.6, entire_space_cvr_auc=0.64),
+        result("esmm", 1, cvr_auc=0.61, ctcvr_auc=0.6, entire_space_cvr_auc=0.61),
+        result("esmm", 2, cvr_auc=0.65, ctcvr_auc=0.6, entire_space_cvr_auc=0.65),
+        # other seeds than base's: the unpaired error
+        result("aman", 3, cvr_auc=0.58, ctcvr_auc=0.6, entire_space_cvr_auc=0.58),
+        result("aman", 4, cvr_auc=0.62, ctcvr_auc=0.6, entire_space_cvr_auc=0.62),
+    ]
+    table = tables.comparison_table("t", "title", "model", results, reference="base")
+    gain = table.header.index("CVR AUC (clicked)") + 1
+    assert [row[gain] for row in table.rows[:3]] == ["+0.00", "+1.00 ± 0.00", "-2.00 ± 2.83"]
+    assert tables.fmt_gap(*tables.gap_with_error(results[:2], results[2:4], "cvr_auc")) == (
+        "+1.00 ± 2.83"
+    )
+    # seeds 1 and 2 are shared by base and esmm (aman's 3 and 4 by aman alone)
+    effect = next(n for n in table.notes if n.startswith("Seed effect"))
+    assert "seed 1 -2.00, seed 2 +2.00, seed 3 -2.00, seed 4 +2.00" in effect
+    _, csv_path = table.write(tmp_path)
+    esmm = list(csv.DictReader(csv_path.open()))[1]
+    assert float(esmm["gain_cvr_auc"]) == pytest.approx(0.01)
+    assert float(esmm["gain_cvr_auc_stderr"]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_ranking_table_and_kendall_tau():
