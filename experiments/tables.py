@@ -186,23 +186,25 @@ def comparison_table(
     rows, csv_rows = [], []
     for label, group_results in grouped.items():
         row = [label, str(len(group_results))]
+        gains = (
+            {m: paired_gap_with_error(ref, group_results, m) for m, _ in COMPARED} if ref else {}
+        )
         for metric, _ in COMPARED:
             mean, std = stat(group_results, metric)
             row.append(fmt_auc(mean, std))
             if ref:
-                if group_results is ref:
-                    row.append(fmt_gain(mean, stat(ref, metric)[0]))
-                else:
-                    row.append(fmt_gap(*paired_gap_with_error(ref, group_results, metric)))
+                is_ref = group_results is ref
+                row.append(
+                    fmt_gain(mean, stat(ref, metric)[0]) if is_ref else fmt_gap(*gains[metric])
+                )
         row.append(fmt_ratio(*stat(group_results, "cvr_ieb")))
         row.append(fmt_epoch(*stat(group_results, "kept_epoch")))
         rows.append(row)
         csv_row: list[Any] = [label, len(group_results)]
         for metric in CSV_METRICS:
             csv_row.extend(stat(group_results, metric))
-        if ref:
-            for metric, _ in COMPARED:
-                csv_row.extend(paired_gap_with_error(ref, group_results, metric))
+        for gain in gains.values():
+            csv_row.extend(gain)
         csv_row.append(" ".join(r.run_id for r in group_results))
         csv_rows.append(csv_row)
     everything = list(results)
